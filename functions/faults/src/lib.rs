@@ -1,0 +1,82 @@
+//! Misbehaves on the records whose payload names a fault, and passes the
+//! rest through, so a test sees the host survive it and go on.
+//!
+//! Payloads: `panic`, `loop` (never returns), `hog` (allocates without
+//! bound), `reject`, `write-file`, `print` (writes to stdout and stderr).
+//! Config: `fail_init = "reason"` makes `init` fail.
+
+use runnel_sdk::{Error, Record, Stage};
+use serde::Deserialize;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub fail_init: Option<String>,
+}
+
+pub struct Faults {
+    hoard: Vec<Vec<u8>>,
+}
+
+impl Stage for Faults {
+    type Config = Config;
+
+    fn init(config: Config) -> Result<Self, Error> {
+        if let Some(reason) = config.fail_init {
+            return Err(Error::msg(reason));
+        }
+        Ok(Faults { hoard: Vec::new() })
+    }
+
+    fn process(&mut self, record: Record) -> Result<Vec<Record>, Error> {
+        match record.payload.as_slice() {
+            b"panic" => panic!("asked to panic"),
+            b"loop" => {
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            b"hog" => loop {
+                self.hoard.push(vec![1u8; 1 << 20]);
+            },
+            b"reject" => Err(Error::msg("asked to reject")),
+            b"write-file" => {
+                std::fs::write("/tmp/runnel-escape", b"x")
+                    .map_err(|e| Error::msg(format!("cannot write a file: {e}")))?;
+                Ok(vec![record])
+            }
+            b"print" => {
+                println!("hello from stdout");
+                eprintln!("hello from stderr");
+                Ok(vec![record])
+            }
+            _ => Ok(vec![record]),
+        }
+    }
+}
+
+runnel_sdk::export_stage!(Faults);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_fails_when_asked() {
+        let err = Faults::init(Config {
+            fail_init: Some("no".into()),
+        })
+        .err()
+        .expect("init must fail");
+        assert_eq!(err.message(), "no");
+    }
+
+    #[test]
+    fn ordinary_records_pass() {
+        let mut stage = Faults::init(Config::default()).expect("init");
+        let out = stage.process(Record::new("ok")).expect("passes");
+        assert_eq!(out, vec![Record::new("ok")]);
+    }
+}

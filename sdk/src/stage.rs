@@ -1,0 +1,75 @@
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::{Error, Record};
+
+/// A stage: what runnel calls for every record that reaches it.
+///
+/// One instance lives for many batches, so fields hold state across records
+/// (windows, running averages). If a call traps or runs past its deadline the
+/// host throws the instance away and starts a fresh one with `init`.
+///
+/// ```
+/// use runnel_sdk::{Error, Record, Stage};
+///
+/// #[derive(serde::Deserialize)]
+/// struct Config { prefix: String }
+///
+/// struct Retopic { prefix: String }
+///
+/// impl Stage for Retopic {
+///     type Config = Config;
+///     fn init(config: Config) -> Result<Self, Error> {
+///         Ok(Retopic { prefix: config.prefix })
+///     }
+///     fn process(&mut self, mut record: Record) -> Result<Vec<Record>, Error> {
+///         let key = record.key.clone().unwrap_or_default();
+///         record.topic = Some(format!("{}/{key}", self.prefix));
+///         Ok(vec![record])
+///     }
+/// }
+///
+/// let mut stage = Retopic::init(Config { prefix: "out".into() }).unwrap();
+/// let out = stage.process(Record::new("x").with_key("d1")).unwrap();
+/// assert_eq!(out[0].topic.as_deref(), Some("out/d1"));
+/// // In the stage crate, for wasm: runnel_sdk::export_stage!(Retopic);
+/// ```
+pub trait Stage: Sized + 'static {
+    /// The stage's `[stage.config]` table, read once per instance.
+    type Config: DeserializeOwned;
+
+    /// Builds the stage from its config. An error here stops the pipeline
+    /// from starting, with this message.
+    fn init(config: Self::Config) -> Result<Self, Error>;
+
+    /// Zero or more records for one input, or an error that sends the input
+    /// to the dead letter with its message as the reason.
+    fn process(&mut self, record: Record) -> Result<Vec<Record>, Error>;
+
+    /// One result per input, in order. Override to work on a whole batch at once.
+    fn process_batch(&mut self, batch: Vec<Record>) -> Vec<Result<Vec<Record>, Error>> {
+        batch
+            .into_iter()
+            .map(|record| self.process(record))
+            .collect()
+    }
+
+    /// Called on the stage's timer with the pipeline clock, and once with
+    /// `end_of_input` at the end of a finite input. Windowed stages emit
+    /// the windows that have closed; the rest need not override it.
+    fn flush(&mut self, now_ms: i64, end_of_input: bool) -> Result<Vec<Record>, Error> {
+        let _ = (now_ms, end_of_input);
+        Ok(Vec::new())
+    }
+}
+
+/// The config of a stage that takes none: any key in its table is an error,
+/// so a typo is caught when the pipeline starts.
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoConfig {}
+
+/// Reads a stage's config the way the host hands it over (JSON text).
+pub fn parse_config<C: DeserializeOwned>(json: &str) -> Result<C, Error> {
+    serde_json::from_str(json).map_err(|err| Error::msg(format!("invalid stage config: {err}")))
+}
