@@ -1,1 +1,159 @@
-fn main() {}
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use runnel::config::{ConfigError, Pipeline};
+use runnel::run::{engine_for, start_chain};
+use runnel::RunOptions;
+
+/// Exit code for a pipeline file or stage that is not valid.
+const EXIT_INVALID: u8 = 2;
+/// Exit code for a failure while running (a sink or source that broke).
+const EXIT_FAILED: u8 = 1;
+
+/// Runs chains of WebAssembly stream-processing stages.
+#[derive(Parser)]
+#[command(name = "runnel", version, about, propagate_version = true)]
+struct Cli {
+    /// Log format on stderr; RUST_LOG filters what is logged (default: info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs a pipeline until its source ends or the process is told to stop
+    /// (Ctrl-C, SIGTERM), then prints what became of every input.
+    Run {
+        /// The pipeline file (TOML).
+        pipeline: PathBuf,
+        /// Compile every stage afresh rather than use the compile cache.
+        #[arg(long)]
+        no_cache: bool,
+    },
+    /// Checks a pipeline file and loads and starts every stage, without
+    /// reading any input. Exits 2 with the file, line and field at fault.
+    Check {
+        /// The pipeline file (TOML).
+        pipeline: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("runnel: cannot start the async runtime: {err}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    match cli.command {
+        Command::Run { pipeline, no_cache } => {
+            runtime.block_on(run(pipeline, RunOptions { no_cache }))
+        }
+        Command::Check { pipeline } => check(pipeline),
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load(path: &PathBuf) -> Result<Pipeline, ExitCode> {
+    Pipeline::load(path).map_err(|err| invalid(&err))
+}
+
+fn invalid(err: &ConfigError) -> ExitCode {
+    eprintln!("runnel: {err}");
+    ExitCode::from(EXIT_INVALID)
+}
+
+async fn run(path: PathBuf, options: RunOptions) -> ExitCode {
+    let pipeline = match load(&path) {
+        Ok(pipeline) => pipeline,
+        Err(code) => return code,
+    };
+    match runnel::run(&pipeline, &options, shutdown_signal()).await {
+        Ok(summary) => {
+            eprintln!("runnel: {summary}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => match err.downcast_ref::<ConfigError>() {
+            Some(config) => invalid(config),
+            None => {
+                eprintln!("runnel: {err:#}");
+                ExitCode::from(EXIT_FAILED)
+            }
+        },
+    }
+}
+
+fn check(path: PathBuf) -> ExitCode {
+    let pipeline = match load(&path) {
+        Ok(pipeline) => pipeline,
+        Err(code) => return code,
+    };
+    let engine = match engine_for(&pipeline, &RunOptions::default()) {
+        Ok(engine) => engine,
+        Err(err) => {
+            eprintln!("runnel: {err:#}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    match start_chain(&pipeline, &engine) {
+        Ok(_) => {
+            println!(
+                "{}: ok, {} stage(s) loaded and started",
+                path.display(),
+                pipeline.file.stages.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => invalid(&err),
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what systemd and Lambda send).
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

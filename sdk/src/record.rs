@@ -41,7 +41,10 @@ impl Record {
     /// line 1 column 20"), which is what a dead-letter reader needs.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, Error> {
         serde_json::from_slice(&self.payload).map_err(|err| {
-            Error::msg(format!("payload is not a valid {}: {err}", short_type_name::<T>()))
+            Error::msg(format!(
+                "payload is not a valid {}: {err}",
+                short_type_name::<T>()
+            ))
         })
     }
 

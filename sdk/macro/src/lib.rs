@@ -73,7 +73,10 @@ struct Param {
 fn generate(form: Form, func: &ItemFn) -> syn::Result<TokenStream2> {
     let sig = &func.sig;
     if let Some(token) = &sig.asyncness {
-        return Err(syn::Error::new(token.span(), "a stage function cannot be async"));
+        return Err(syn::Error::new(
+            token.span(),
+            "a stage function cannot be async",
+        ));
     }
     if !sig.generics.params.is_empty() {
         return Err(syn::Error::new(
@@ -102,7 +105,11 @@ fn generate(form: Form, func: &ItemFn) -> syn::Result<TokenStream2> {
     let ReturnType::Type(_, ret) = &sig.output else {
         return Err(syn::Error::new(
             sig.span(),
-            format!("#[{}] needs a return type: {}", form.name(), expected_return(form)),
+            format!(
+                "#[{}] needs a return type: {}",
+                form.name(),
+                expected_return(form)
+            ),
         ));
     };
     let (fallible, value_ty) = split_result(ret);
@@ -129,7 +136,11 @@ fn generate(form: Form, func: &ItemFn) -> syn::Result<TokenStream2> {
             let emit = if out_record {
                 quote!(::std::vec![out])
             } else {
-                quote!({ let mut rec = meta; rec.set_json(&out)?; ::std::vec![rec] })
+                quote!({
+                    let mut rec = meta;
+                    rec.set_json(&out)?;
+                    ::std::vec![rec]
+                })
             };
             quote! { #bind let out = #call #question; ::core::result::Result::Ok(#emit) }
         }
@@ -140,7 +151,10 @@ fn generate(form: Form, func: &ItemFn) -> syn::Result<TokenStream2> {
             let each = if out_record {
                 quote!(::core::result::Result::Ok(out))
             } else {
-                quote!({ let mut rec = meta.clone(); rec.set_json(&out).map(|()| rec) })
+                quote!({
+                    let mut rec = meta.clone();
+                    rec.set_json(&out).map(|()| rec)
+                })
             };
             quote! {
                 #bind
@@ -169,7 +183,10 @@ fn generate(form: Form, func: &ItemFn) -> syn::Result<TokenStream2> {
     };
 
     let stage = format_ident!("{}Stage", pascal_case(&call_fn.to_string()));
-    let doc = format!("The `Stage` made from [`{call_fn}`] by `#[{}]`.", form.name());
+    let doc = format!(
+        "The `Stage` made from [`{call_fn}`] by `#[{}]`.",
+        form.name()
+    );
     Ok(quote! {
         #[doc = #doc]
         pub struct #stage { config: #config_ty }
@@ -254,7 +271,10 @@ fn config_param(arg: &FnArg) -> syn::Result<Type> {
             "the second parameter is the stage's config, taken as `&Config`",
         ));
     }
-    Err(syn::Error::new(arg.span(), "a stage is a free function, not a method"))
+    Err(syn::Error::new(
+        arg.span(),
+        "a stage is a free function, not a method",
+    ))
 }
 
 fn expected_return(form: Form) -> &'static str {

@@ -1,0 +1,186 @@
+//! Records as JSON lines, the format of file and stdin sources and of file
+//! and stdout sinks.
+//!
+//! A line is an object with the payload in one of three fields: `payload`
+//! (any JSON value, kept as its JSON text), `text` (a string, kept as is) or
+//! `base64` (bytes). `key`, `topic`, `timestamp` (ms) and `headers` (an
+//! object of strings) are optional. Output picks `payload` when the bytes
+//! are JSON, `text` when they are UTF-8, else `base64`, so a sink's output
+//! reads back as the same records.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::Record;
+
+/// How a line maps to a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LineFormat {
+    /// The whole line is the payload.
+    #[default]
+    Payload,
+    /// The line is a JSON record object, as above.
+    Record,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LineIn<'a> {
+    #[serde(borrow)]
+    payload: Option<&'a RawValue>,
+    text: Option<String>,
+    base64: Option<String>,
+    key: Option<String>,
+    topic: Option<String>,
+    timestamp: Option<i64>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+struct LineOut<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topic: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timestamp: Option<i64>,
+    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "as_map")]
+    headers: &'a Vec<(String, String)>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    base64: Option<String>,
+}
+
+fn as_map<S: serde::Serializer>(headers: &&Vec<(String, String)>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(headers.iter().map(|(k, v)| (k, v)))
+}
+
+/// Reads one line of `format` into a record. The error says what is wrong
+/// with the line; the caller adds where it is.
+pub fn decode_line(line: &str, format: LineFormat) -> Result<Record, String> {
+    match format {
+        LineFormat::Payload => Ok(Record::new(line.as_bytes().to_vec())),
+        LineFormat::Record => decode_record(line),
+    }
+}
+
+fn decode_record(line: &str) -> Result<Record, String> {
+    let parsed: LineIn<'_> =
+        serde_json::from_str(line).map_err(|e| format!("not a record object: {e}"))?;
+    let payload = match (parsed.payload, parsed.text, parsed.base64) {
+        (Some(json), None, None) => json.get().as_bytes().to_vec(),
+        (None, Some(text), None) => text.into_bytes(),
+        (None, None, Some(b64)) => base64::engine::general_purpose::STANDARD
+            .decode(b64.as_bytes())
+            .map_err(|e| format!("field `base64` is not valid base64: {e}"))?,
+        (None, None, None) => {
+            return Err("no payload: give one of `payload`, `text` or `base64`".into())
+        }
+        _ => return Err("give only one of `payload`, `text` and `base64`".into()),
+    };
+    Ok(Record {
+        payload,
+        key: parsed.key,
+        topic: parsed.topic,
+        timestamp: parsed.timestamp,
+        headers: parsed.headers.into_iter().collect(),
+    })
+}
+
+/// Writes a record as one line of `format`, without the newline.
+pub fn encode_line(record: &Record, format: LineFormat, out: &mut Vec<u8>) {
+    match format {
+        LineFormat::Payload => out.extend_from_slice(&record.payload),
+        LineFormat::Record => encode_record(record, out),
+    }
+}
+
+fn encode_record(record: &Record, out: &mut Vec<u8>) {
+    let text = std::str::from_utf8(&record.payload).ok();
+    let json: Option<&RawValue> = text.and_then(|t| serde_json::from_str(t.trim()).ok());
+    let line = LineOut {
+        topic: record.topic.as_deref(),
+        key: record.key.as_deref(),
+        timestamp: record.timestamp,
+        headers: &record.headers,
+        payload: json,
+        text: if json.is_none() { text } else { None },
+        base64: if text.is_none() {
+            Some(base64::engine::general_purpose::STANDARD.encode(&record.payload))
+        } else {
+            None
+        },
+    };
+    // Strings and numbers only: serialising cannot fail.
+    if serde_json::to_writer(&mut *out, &line).is_err() {
+        out.extend_from_slice(b"{}");
+    }
+}
+
+/// A record as a JSON value, for dead-letter entries.
+pub fn record_json(record: &Record) -> Box<RawValue> {
+    let mut buf = Vec::new();
+    encode_record(record, &mut buf);
+    String::from_utf8(buf)
+        .ok()
+        .and_then(|s| RawValue::from_string(s).ok())
+        .unwrap_or_else(|| RawValue::from_string("{}".into()).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(record: &Record) -> Record {
+        let mut line = Vec::new();
+        encode_line(record, LineFormat::Record, &mut line);
+        let text = String::from_utf8(line).expect("utf-8");
+        decode_line(&text, LineFormat::Record).expect("reads back")
+    }
+
+    #[test]
+    fn json_text_and_binary_payloads_read_back_the_same() {
+        let mut json = Record::new(br#"{"t":1}"#.to_vec());
+        json.key = Some("d1".into());
+        json.headers = vec![("a".into(), "b".into())];
+        assert_eq!(round_trip(&json), json);
+        let text = Record::new(b"dev-1,5,20.5".to_vec());
+        assert_eq!(round_trip(&text), text);
+        let binary = Record::new(vec![0xff, 0x00, 0x10]);
+        assert_eq!(round_trip(&binary), binary);
+    }
+
+    #[test]
+    fn record_lines_say_what_is_wrong() {
+        let err = |line| decode_line(line, LineFormat::Record).expect_err("bad line");
+        assert!(
+            err("{").starts_with("not a record object: EOF"),
+            "{}",
+            err("{")
+        );
+        assert!(err(r#"{"paylod": 1}"#).contains("unknown field `paylod`"));
+        assert_eq!(
+            err(r#"{"key": "a"}"#),
+            "no payload: give one of `payload`, `text` or `base64`"
+        );
+        assert_eq!(
+            err(r#"{"payload": 1, "text": "x"}"#),
+            "give only one of `payload`, `text` and `base64`"
+        );
+        assert!(err(r#"{"base64": "!!"}"#).starts_with("field `base64` is not valid base64"));
+    }
+
+    #[test]
+    fn payload_lines_are_taken_as_they_are() {
+        let record = decode_line("not json, fine", LineFormat::Payload).expect("any line");
+        assert_eq!(record.payload, b"not json, fine");
+    }
+}

@@ -1,0 +1,345 @@
+//! The pipeline file: one TOML document, parsed into types that cannot hold
+//! a bad value, then checked as a whole before anything starts.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::sink::SinkConfig;
+use crate::source::SourceConfig;
+
+/// Records per call into a stage when the file does not say.
+pub const DEFAULT_BATCH_SIZE: usize = 64;
+/// Per-call deadline when a stage does not set `timeout_ms`.
+pub const DEFAULT_TIMEOUT_MS: u64 = 1000;
+/// Memory cap per instance when a stage does not set `memory_mb`.
+pub const DEFAULT_MEMORY_MB: u64 = 64;
+/// How often timers (window flushes) run on a live clock.
+pub const DEFAULT_TIMER_MS: u64 = 1000;
+
+/// A parsed pipeline file, with where it came from.
+#[derive(Debug)]
+pub struct Pipeline {
+    pub path: PathBuf,
+    pub file: PipelineFile,
+    source_text: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineFile {
+    #[serde(default)]
+    pub pipeline: Settings,
+    pub source: SourceConfig,
+    #[serde(rename = "stage", default)]
+    pub stages: Vec<StageConfig>,
+    pub sink: SinkConfig,
+    /// Where records that cannot go on are written; a file next to the
+    /// pipeline when not set, so nothing is ever dropped unseen.
+    pub dead_letter: Option<SinkConfig>,
+}
+
+/// The `[pipeline]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// A name for logs and metrics.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Records per call into a stage.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// How often timers run on a live clock, in milliseconds.
+    #[serde(default = "default_timer_ms")]
+    pub timer_ms: u64,
+    /// Where compiled stages are cached, relative to the pipeline file;
+    /// the user's cache folder when not set.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            name: default_name(),
+            batch_size: DEFAULT_BATCH_SIZE,
+            timer_ms: DEFAULT_TIMER_MS,
+            cache_dir: None,
+        }
+    }
+}
+
+fn default_name() -> String {
+    "pipeline".into()
+}
+fn default_batch_size() -> usize {
+    DEFAULT_BATCH_SIZE
+}
+fn default_timer_ms() -> u64 {
+    DEFAULT_TIMER_MS
+}
+
+/// One `[[stage]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    pub name: Spanned<StageName>,
+    /// The component, relative to the pipeline file.
+    pub wasm: Spanned<PathBuf>,
+    /// Deadline for one call, in milliseconds.
+    pub timeout_ms: Option<Spanned<u64>>,
+    /// Memory cap of one instance, in MiB.
+    pub memory_mb: Option<Spanned<u64>>,
+    /// Handed to the stage's `init`, as JSON.
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+impl StageConfig {
+    pub fn timeout_ms(&self) -> u64 {
+        self.timeout_ms
+            .as_ref()
+            .map_or(DEFAULT_TIMEOUT_MS, |t| *t.get_ref())
+    }
+
+    pub fn memory_mb(&self) -> u64 {
+        self.memory_mb
+            .as_ref()
+            .map_or(DEFAULT_MEMORY_MB, |m| *m.get_ref())
+    }
+
+    /// The `config` table as the JSON text `init` receives.
+    pub fn config_json(&self) -> String {
+        serde_json::to_string(&self.config).unwrap_or_else(|_| "{}".into())
+    }
+}
+
+/// A stage name: what logs, metrics and dead letters call the stage, so it
+/// is kept to letters, digits, `-` and `_`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StageName(String);
+
+impl StageName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for StageName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for StageName {
+    type Error = String;
+    fn try_from(name: String) -> Result<Self, String> {
+        let ok_char = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if name.is_empty() || name.len() > 64 {
+            return Err(format!("stage name `{name}` must be 1 to 64 characters"));
+        }
+        if !name.chars().all(ok_char) {
+            return Err(format!(
+                "stage name `{name}` may hold only letters, digits, `-` and `_`"
+            ));
+        }
+        Ok(StageName(name))
+    }
+}
+
+impl<'de> Deserialize<'de> for StageName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        StageName::try_from(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A problem in a pipeline file: where it is, and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read pipeline {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+impl Pipeline {
+    /// Reads, parses and checks a pipeline file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, text)
+    }
+
+    /// Parses and checks pipeline text; `path` names it in errors and anchors
+    /// relative paths.
+    pub fn parse(path: &Path, text: String) -> Result<Self, ConfigError> {
+        let file: PipelineFile = toml::from_str(&text).map_err(|err| ConfigError::Parse {
+            path: path.to_owned(),
+            message: parse_message(&err),
+        })?;
+        let pipeline = Pipeline {
+            path: path.to_owned(),
+            file,
+            source_text: text,
+        };
+        pipeline.check()?;
+        Ok(pipeline)
+    }
+
+    /// The folder relative paths in the file are taken from.
+    pub fn base_dir(&self) -> &Path {
+        match self.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        }
+    }
+
+    /// A path from the file, made relative to the pipeline's folder.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        self.base_dir().join(path)
+    }
+
+    /// An error pointing at a place in the file.
+    pub fn error_at(
+        &self,
+        span: std::ops::Range<usize>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        let (line, column) = line_col(&self.source_text, span.start);
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let settings = &self.file.pipeline;
+        if settings.batch_size == 0 || settings.batch_size > 65_536 {
+            return Err(self.error_at(
+                self.span_of("batch_size"),
+                format!(
+                    "pipeline.batch_size must be 1 to 65536, not {}",
+                    settings.batch_size
+                ),
+            ));
+        }
+        if settings.timer_ms == 0 {
+            return Err(self.error_at(
+                self.span_of("timer_ms"),
+                "pipeline.timer_ms must be above 0",
+            ));
+        }
+        let mut seen = HashSet::new();
+        for stage in &self.file.stages {
+            let name = stage.name.get_ref();
+            if !seen.insert(name.clone()) {
+                return Err(self.error_at(
+                    stage.name.span(),
+                    format!("stage name `{name}` is used twice"),
+                ));
+            }
+            if let Some(t) = &stage.timeout_ms {
+                if *t.get_ref() == 0 || *t.get_ref() > 600_000 {
+                    return Err(self.error_at(
+                        t.span(),
+                        format!(
+                            "stage `{name}`: timeout_ms must be 1 to 600000, not {}",
+                            t.get_ref()
+                        ),
+                    ));
+                }
+            }
+            if let Some(m) = &stage.memory_mb {
+                if *m.get_ref() == 0 || *m.get_ref() > 4096 {
+                    return Err(self.error_at(
+                        m.span(),
+                        format!(
+                            "stage `{name}`: memory_mb must be 1 to 4096, not {}",
+                            m.get_ref()
+                        ),
+                    ));
+                }
+            }
+            let wasm = self.resolve(stage.wasm.get_ref());
+            if !wasm.is_file() {
+                return Err(self.error_at(
+                    stage.wasm.span(),
+                    format!("stage `{name}`: wasm file {} not found", wasm.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The span of the first `key =` in the file, for settings whose value
+    /// has no span of its own; the start of the file when absent.
+    fn span_of(&self, key: &str) -> std::ops::Range<usize> {
+        self.source_text
+            .match_indices(key)
+            .find(|(i, _)| {
+                self.source_text[i + key.len()..]
+                    .trim_start_matches([' ', '\t'])
+                    .starts_with('=')
+            })
+            .map_or(0..0, |(i, _)| i..i + key.len())
+    }
+}
+
+/// toml's message already says line, column and shows the line; keep it,
+/// but drop its own "TOML parse error" heading, since ours names the file.
+fn parse_message(err: &toml::de::Error) -> String {
+    let message = err.to_string();
+    message
+        .strip_prefix("TOML parse error at ")
+        .map(|rest| rest.to_string())
+        .unwrap_or(message)
+        .trim_end()
+        .to_string()
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_and_column_count_from_one() {
+        let text = "a = 1\nbb = 2\n";
+        assert_eq!(line_col(text, 0), (1, 1));
+        assert_eq!(line_col(text, 6), (2, 1));
+        assert_eq!(line_col(text, 9), (2, 4));
+    }
+
+    #[test]
+    fn stage_names_reject_spaces_and_slashes() {
+        assert!(StageName::try_from("parse-v2".to_string()).is_ok());
+        assert!(StageName::try_from("my stage".to_string()).is_err());
+        assert!(StageName::try_from("a/b".to_string()).is_err());
+        assert!(StageName::try_from(String::new()).is_err());
+    }
+}

@@ -1,0 +1,321 @@
+//! Runs a pipeline: source to chain to sinks, with timers, acknowledgement
+//! after every output and dead letter is accepted, and counts that add up.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+
+use crate::chain::{Chain, ChainOutput, InputOutcome};
+use crate::codec::LineFormat;
+use crate::config::{ConfigError, Pipeline};
+use crate::sink::{Sink, SinkConfig};
+use crate::source::{Clock, Source};
+use crate::wasm::{Engine, EngineOptions, LoadedStage, StageLimits};
+use crate::Record;
+
+/// Where the dead letter goes when the pipeline file does not say.
+pub const DEFAULT_DEAD_LETTER: &str = "dead-letter.jsonl";
+
+/// How a run is set up beyond the pipeline file.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Compile every stage afresh instead of using the on-disk cache.
+    pub no_cache: bool,
+}
+
+/// What a run did. `inputs == emitted + filtered + dead_lettered` always.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Inputs read from the source, unreadable ones included.
+    pub inputs: u64,
+    /// Inputs that produced at least one output and no dead letter.
+    pub emitted: u64,
+    /// Inputs every stage path filtered out.
+    pub filtered: u64,
+    /// Inputs with at least one dead-letter entry.
+    pub dead_lettered: u64,
+    /// Records written to the sink, timer outputs included.
+    pub outputs: u64,
+    /// Of `outputs`, those that windows and other timers emitted.
+    pub timer_outputs: u64,
+    /// Entries written to the dead letter.
+    pub dead_letters: u64,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} in: {} produced output, {} filtered, {} dead-lettered; {} out ({} from timers); {} dead-letter entries",
+            self.inputs,
+            self.emitted,
+            self.filtered,
+            self.dead_lettered,
+            self.outputs,
+            self.timer_outputs,
+            self.dead_letters
+        )
+    }
+}
+
+/// The engine for a pipeline, with its compile cache.
+pub fn engine_for(pipeline: &Pipeline, options: &RunOptions) -> anyhow::Result<Engine> {
+    let cache_dir = if options.no_cache {
+        None
+    } else {
+        Some(match &pipeline.file.pipeline.cache_dir {
+            Some(dir) => pipeline.resolve(dir),
+            None => default_cache_dir(),
+        })
+    };
+    Engine::new(&EngineOptions { cache_dir }).context("cannot set up the WebAssembly engine")
+}
+
+fn default_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("RUNNEL_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("runnel");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".cache").join("runnel"),
+        None => std::env::temp_dir().join("runnel-cache"),
+    }
+}
+
+/// Compiles (or loads from the cache) and links every stage. Errors point
+/// at the stage's line in the pipeline file.
+pub fn load_stages(pipeline: &Pipeline, engine: &Engine) -> Result<Vec<LoadedStage>, ConfigError> {
+    let mut stages = Vec::with_capacity(pipeline.file.stages.len());
+    for stage in &pipeline.file.stages {
+        let name = stage.name.get_ref().as_str();
+        let limits = StageLimits {
+            timeout: Duration::from_millis(stage.timeout_ms()),
+            memory_bytes: (stage.memory_mb() as usize) << 20,
+        };
+        let path = pipeline.resolve(stage.wasm.get_ref());
+        let loaded =
+            LoadedStage::load(engine, name, &path, stage.config_json(), limits).map_err(|err| {
+                pipeline.error_at(stage.wasm.span(), format!("stage `{name}`: {err}"))
+            })?;
+        tracing::debug!(stage = name, cache = ?loaded.cache, "stage loaded");
+        stages.push(loaded);
+    }
+    Ok(stages)
+}
+
+/// Loads every stage and starts it (its `init` runs with its config), the
+/// whole of what `runnel run` does before it reads a record.
+pub fn start_chain(pipeline: &Pipeline, engine: &Engine) -> Result<Chain, ConfigError> {
+    let stages = load_stages(pipeline, engine)?;
+    Chain::start(stages).map_err(|(name, err)| {
+        let span = pipeline
+            .file
+            .stages
+            .iter()
+            .find(|s| s.name.get_ref().as_str() == name)
+            .map_or(0..0, |s| s.name.span());
+        pipeline.error_at(span, format!("stage `{name}`: {err}"))
+    })
+}
+
+/// Runs until the source ends or `shutdown` resolves, then drains: the batch
+/// in hand is finished and delivered before it returns.
+pub async fn run(
+    pipeline: &Pipeline,
+    options: &RunOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<Summary> {
+    let engine = engine_for(pipeline, options)?;
+    let chain = start_chain(pipeline, &engine)?;
+    let base = pipeline.base_dir();
+    let source = pipeline.file.source.open(base).await?;
+    let sink = pipeline.file.sink.open(base, LineFormat::Record).await?;
+    let dead_config = pipeline.file.dead_letter.as_ref();
+    let default_dead = SinkConfig::File {
+        path: DEFAULT_DEAD_LETTER.into(),
+        format: None,
+    };
+    let dead_sink = dead_config
+        .unwrap_or(&default_dead)
+        .open(base, LineFormat::Payload)
+        .await?;
+    tracing::info!(
+        pipeline = %pipeline.path.display(),
+        source = source.describe(),
+        sink = sink.describe(),
+        dead_letter = dead_sink.describe(),
+        stages = pipeline.file.stages.len(),
+        "pipeline started"
+    );
+    let mut runner = Runner {
+        name: pipeline.file.pipeline.name.clone(),
+        chain: Some(chain),
+        source,
+        sink,
+        dead_sink,
+        summary: Summary::default(),
+        watermark: None,
+    };
+    let batch_size = pipeline.file.pipeline.batch_size;
+    let timer = Duration::from_millis(pipeline.file.pipeline.timer_ms);
+    let result = runner.run_loop(batch_size, timer, shutdown).await;
+    if let Some(chain) = &runner.chain {
+        for (stage, stats) in chain.stats() {
+            tracing::info!(
+                stage,
+                calls = stats.calls,
+                records_in = stats.records_in,
+                records_out = stats.records_out,
+                rejected = stats.rejected,
+                failed_calls = stats.failed_calls,
+                restarts = stats.restarts,
+                busy_ms = stats.busy.as_millis() as u64,
+                "stage totals"
+            );
+        }
+    }
+    let closed = async {
+        runner.sink.close().await?;
+        runner.dead_sink.close().await
+    }
+    .await;
+    result?;
+    closed?;
+    Ok(runner.summary)
+}
+
+struct Runner {
+    name: String,
+    /// `None` only while a batch runs on the blocking pool.
+    chain: Option<Chain>,
+    source: Box<dyn Source>,
+    sink: Box<dyn Sink>,
+    dead_sink: Box<dyn Sink>,
+    summary: Summary,
+    /// Newest record timestamp seen, for the event clock.
+    watermark: Option<i64>,
+}
+
+impl Runner {
+    async fn run_loop(
+        &mut self,
+        batch_size: usize,
+        timer: Duration,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        tokio::pin!(shutdown);
+        let clock = self.source.clock();
+        let mut ticker = tokio::time::interval(timer);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => {
+                    tracing::info!("shutting down: the batch in hand was delivered");
+                    return Ok(());
+                }
+                _ = ticker.tick(), if clock == Clock::Wall => {
+                    self.flush(now_ms(), false).await?;
+                }
+                batch = self.source.next_batch(batch_size) => {
+                    let Some(batch) = batch? else { break };
+                    let before = self.watermark;
+                    self.summary.inputs += batch.inputs() as u64;
+                    if clock == Clock::Event {
+                        let newest = batch.records.iter().filter_map(|r| r.timestamp).max();
+                        self.watermark = self.watermark.max(newest);
+                    }
+                    let id = batch.id;
+                    let mut output = self.on_chain(move |chain| chain.process(batch.records)).await?;
+                    self.summary.dead_lettered += batch.unreadable.len() as u64;
+                    output.dead_letters.extend(batch.unreadable);
+                    self.deliver(output, false).await?;
+                    self.source.ack(id).await?;
+                    if let (Clock::Event, Some(now)) = (clock, self.watermark) {
+                        if Some(now) > before {
+                            self.flush(now, false).await?;
+                        }
+                    }
+                }
+            }
+        }
+        // The input ended: every window emits, so the last one is not lost.
+        let now = match clock {
+            Clock::Wall => now_ms(),
+            Clock::Event => self.watermark.unwrap_or_else(now_ms),
+        };
+        self.flush(now, true).await
+    }
+
+    async fn flush(&mut self, now: i64, end_of_input: bool) -> anyhow::Result<()> {
+        let output = self
+            .on_chain(move |chain| chain.flush(now, end_of_input))
+            .await?;
+        self.deliver(output, true).await
+    }
+
+    /// Runs wasm off the async threads: a stage may compute for its whole deadline.
+    async fn on_chain(
+        &mut self,
+        work: impl FnOnce(&mut Chain) -> ChainOutput + Send + 'static,
+    ) -> anyhow::Result<ChainOutput> {
+        let mut chain = self
+            .chain
+            .take()
+            .context("the chain was lost by an earlier failure")?;
+        let (chain, output) = tokio::task::spawn_blocking(move || {
+            let output = work(&mut chain);
+            (chain, output)
+        })
+        .await
+        .context("the chain's worker thread failed")?;
+        self.chain = Some(chain);
+        Ok(output)
+    }
+
+    /// Outputs to the sink and dead letters to theirs, both accepted before
+    /// the caller acknowledges the inputs.
+    async fn deliver(&mut self, output: ChainOutput, from_timer: bool) -> anyhow::Result<()> {
+        for outcome in &output.outcomes {
+            match outcome {
+                InputOutcome::Emitted => self.summary.emitted += 1,
+                InputOutcome::Filtered => self.summary.filtered += 1,
+                InputOutcome::DeadLettered => self.summary.dead_lettered += 1,
+            }
+        }
+        if !output.outputs.is_empty() {
+            let records: Vec<Record> = output.outputs.into_iter().map(|(_, r)| r).collect();
+            self.sink.send(&records).await?;
+            self.summary.outputs += records.len() as u64;
+            if from_timer {
+                self.summary.timer_outputs += records.len() as u64;
+            }
+        }
+        if !output.dead_letters.is_empty() {
+            let now = now_ms();
+            let entries: Vec<Record> = output
+                .dead_letters
+                .iter()
+                .map(|dead| crate::deadletter::to_record(&self.name, dead, now))
+                .collect();
+            for dead in &output.dead_letters {
+                tracing::warn!(stage = %dead.stage, reason = %dead.reason, "dead letter");
+            }
+            self.dead_sink.send(&entries).await?;
+            self.summary.dead_letters += entries.len() as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Wall-clock time in ms since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,218 @@
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
+
+use super::{Batch, Clock, Source, SourceError};
+use crate::chain::DeadLetter;
+use crate::codec::{decode_line, LineFormat};
+use crate::Record;
+
+/// Lines longer than this are cut into a dead letter instead of read whole,
+/// so one runaway line cannot take the host's memory.
+const MAX_LINE: usize = 8 << 20;
+/// How long a live source waits to fill a batch once it holds a record.
+const LINGER: Duration = Duration::from_millis(5);
+
+/// JSON lines from a file or standard input.
+pub struct LinesSource {
+    reader: Box<dyn AsyncBufRead + Send + Unpin>,
+    name: String,
+    format: LineFormat,
+    clock: Clock,
+    line_no: u64,
+    next_id: u64,
+    /// Read but not yet handed out; kept here so a cancelled call loses nothing.
+    pending: Batch,
+    buf: Vec<u8>,
+    done: bool,
+}
+
+impl LinesSource {
+    pub async fn open_file(path: &Path, format: LineFormat) -> Result<Self, SourceError> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|source| SourceError::Io {
+                what: format!("cannot open source file {}", path.display()),
+                source,
+            })?;
+        Ok(Self::new(
+            Box::new(BufReader::with_capacity(1 << 16, file)),
+            path.display().to_string(),
+            format,
+            Clock::Event,
+        ))
+    }
+
+    pub fn stdin(format: LineFormat) -> Self {
+        Self::new(
+            Box::new(BufReader::new(tokio::io::stdin())),
+            "stdin".into(),
+            format,
+            Clock::Wall,
+        )
+    }
+
+    pub fn new(
+        reader: Box<dyn AsyncBufRead + Send + Unpin>,
+        name: String,
+        format: LineFormat,
+        clock: Clock,
+    ) -> Self {
+        LinesSource {
+            reader,
+            name,
+            format,
+            clock,
+            line_no: 0,
+            next_id: 0,
+            pending: Batch::default(),
+            buf: Vec::new(),
+            done: false,
+        }
+    }
+
+    /// Reads one line into `buf`; false at the end of the input.
+    async fn read_line(&mut self) -> Result<bool, SourceError> {
+        loop {
+            let available = self
+                .reader
+                .fill_buf()
+                .await
+                .map_err(|source| SourceError::Io {
+                    what: format!("cannot read {}", self.name),
+                    source,
+                })?;
+            if available.is_empty() {
+                return Ok(!self.buf.is_empty());
+            }
+            let (used, found) = match available.iter().position(|&b| b == b'\n') {
+                Some(nl) => (nl + 1, true),
+                None => (available.len(), false),
+            };
+            let room = MAX_LINE.saturating_sub(self.buf.len());
+            let take = used.min(room);
+            self.buf.extend_from_slice(&available[..take]);
+            self.reader.consume(used);
+            if found {
+                return Ok(true);
+            }
+        }
+    }
+
+    fn take_line(&mut self) {
+        self.line_no += 1;
+        let mut raw = std::mem::take(&mut self.buf);
+        if raw.last() == Some(&b'\n') {
+            raw.pop();
+        }
+        if raw.last() == Some(&b'\r') {
+            raw.pop();
+        }
+        if raw.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        let decoded = if raw.len() >= MAX_LINE {
+            Err(format!("line longer than {} MiB", MAX_LINE >> 20))
+        } else {
+            match std::str::from_utf8(&raw) {
+                Ok(text) => decode_line(text, self.format),
+                Err(err) => Err(format!("line is not UTF-8: {err}")),
+            }
+        };
+        match decoded {
+            Ok(record) => self.pending.records.push(record),
+            Err(reason) => {
+                raw.truncate(64 << 10);
+                self.pending.unreadable.push(DeadLetter {
+                    stage: "source".into(),
+                    reason: format!("{} line {}: {reason}", self.name, self.line_no),
+                    record: Record::new(raw),
+                    input: None,
+                });
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Source for LinesSource {
+    async fn next_batch(&mut self, max: usize) -> Result<Option<Batch>, SourceError> {
+        while !self.done && self.pending.inputs() < max {
+            // On a live pipe, hand out what is here rather than wait for a
+            // full batch. `read_line` keeps its progress in `self`, so the
+            // timeout (like the runner's own select) loses nothing.
+            let more = if self.clock == Clock::Wall && self.pending.inputs() > 0 {
+                match tokio::time::timeout(LINGER, self.read_line()).await {
+                    Ok(more) => more?,
+                    Err(_) => break,
+                }
+            } else {
+                self.read_line().await?
+            };
+            if more {
+                self.take_line();
+            } else {
+                self.done = true;
+            }
+        }
+        if self.pending.inputs() == 0 {
+            return Ok(None);
+        }
+        let mut batch = std::mem::take(&mut self.pending);
+        batch.id = self.next_id;
+        self.next_id += 1;
+        Ok(Some(batch))
+    }
+
+    async fn ack(&mut self, _id: u64) -> Result<(), SourceError> {
+        // A file is read again from the start; nothing to acknowledge.
+        Ok(())
+    }
+
+    fn clock(&self) -> Clock {
+        self.clock
+    }
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(text: &'static str, format: LineFormat) -> LinesSource {
+        LinesSource::new(
+            Box::new(text.as_bytes()),
+            "test.jsonl".into(),
+            format,
+            Clock::Event,
+        )
+    }
+
+    #[tokio::test]
+    async fn batches_hold_at_most_max_and_skip_blank_lines() {
+        let mut src = source("a\n\nb\nc\r\nd", LineFormat::Payload);
+        let first = src.next_batch(3).await.expect("reads").expect("batch");
+        let payloads: Vec<_> = first.records.iter().map(|r| r.payload.clone()).collect();
+        assert_eq!(payloads, vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+        let second = src.next_batch(3).await.expect("reads").expect("batch");
+        assert_eq!(second.records[0].payload, b"d");
+        assert!(src.next_batch(3).await.expect("reads").is_none());
+    }
+
+    #[tokio::test]
+    async fn bad_lines_become_dead_letters_that_name_the_line() {
+        let mut src = source("{\"text\":\"ok\"}\n{oops\n", LineFormat::Record);
+        let batch = src.next_batch(10).await.expect("reads").expect("batch");
+        assert_eq!(batch.records.len(), 1);
+        assert_eq!(batch.unreadable.len(), 1);
+        assert!(batch.unreadable[0]
+            .reason
+            .starts_with("test.jsonl line 2: not a record object"));
+        assert_eq!(batch.unreadable[0].record.payload, b"{oops");
+    }
+}

@@ -1,0 +1,87 @@
+//! Compiled stages on disk, so a second start does not compile again.
+//!
+//! The key is the SHA-256 of the wasm and of the engine's compatibility hash
+//! (wasmtime version, target and settings): a changed stage or a different
+//! engine gets a new entry, never a stale one.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::Component;
+
+pub struct CompileCache {
+    dir: PathBuf,
+    engine_hash: u64,
+}
+
+impl CompileCache {
+    pub fn new(dir: PathBuf, engine: &wasmtime::Engine) -> Self {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        CompileCache {
+            dir,
+            engine_hash: hasher.finish(),
+        }
+    }
+
+    /// The component for these wasm bytes: from the cache when it is there,
+    /// else compiled and stored. A cache that cannot be written is logged
+    /// and skipped; the stage still runs.
+    pub fn load(
+        &self,
+        engine: &wasmtime::Engine,
+        wasm: &[u8],
+    ) -> wasmtime::Result<(Component, CacheOutcome)> {
+        let path = self.entry(wasm);
+        if path.exists() {
+            // SAFETY: the file is one this cache wrote with `precompile_component`
+            // under a key that includes the engine's compatibility hash, and it
+            // is written whole (temp file, then rename) so it is never partial.
+            match unsafe { Component::deserialize_file(engine, &path) } {
+                Ok(component) => return Ok((component, CacheOutcome::Hit)),
+                Err(err) => tracing::warn!(
+                    path = %path.display(),
+                    "compiled stage in the cache is unusable, compiling again: {err:#}"
+                ),
+            }
+        }
+        let compiled = engine.precompile_component(wasm)?;
+        if let Err(err) = write_whole(&path, &compiled) {
+            tracing::warn!(
+                path = %path.display(),
+                "cannot write the compile cache, the next start compiles again: {err}"
+            );
+        }
+        // SAFETY: these bytes came from `precompile_component` on this engine just now.
+        let component = unsafe { Component::deserialize(engine, &compiled)? };
+        Ok((component, CacheOutcome::Compiled))
+    }
+
+    fn entry(&self, wasm: &[u8]) -> PathBuf {
+        let mut digest = Sha256::new();
+        digest.update(self.engine_hash.to_le_bytes());
+        digest.update(wasm);
+        let hex: String = digest
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        self.dir.join(format!("{hex}.cwasm"))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    Hit,
+    Compiled,
+}
+
+fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}

@@ -1,0 +1,142 @@
+//! What a stage's store holds: its sandboxed WASI context, its memory cap,
+//! and what it said (log lines, a panic message) during the current call.
+
+use std::sync::Arc;
+
+use wasmtime::component::ResourceTable;
+use wasmtime::ResourceLimiter;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::runnel::stage::host::{Host, Level};
+use super::output::GuestOutput;
+
+/// Marks a panic message written by the SDK's panic hook.
+const PANIC_PREFIX: &str = "panicked at ";
+
+/// Host state of one stage instance.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limits: MemoryCap,
+    stage: Arc<str>,
+    /// The panic message of the current call, if the stage panicked.
+    pub(crate) panic: Option<String>,
+    stderr: GuestOutput,
+}
+
+impl HostState {
+    /// A sandbox: no preopened directories, no sockets, no environment or
+    /// arguments; stdout and stderr go to the log.
+    pub fn new(stage: Arc<str>, memory_cap: usize) -> Self {
+        let stdout = GuestOutput::new(stage.clone(), false);
+        let stderr = GuestOutput::new(stage.clone(), true);
+        let wasi = WasiCtx::builder()
+            .stdout(stdout)
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        HostState {
+            wasi,
+            table: ResourceTable::new(),
+            limits: MemoryCap::new(memory_cap),
+            stage,
+            panic: None,
+            stderr,
+        }
+    }
+
+    /// Clears what the last call left behind.
+    pub(crate) fn begin_call(&mut self) {
+        self.panic = None;
+        self.limits.denied = None;
+        self.stderr.take_tail();
+    }
+
+    /// The best explanation of a trap the stage gave: its panic message, or
+    /// the tail of what it wrote to stderr (a stage not built with the SDK).
+    pub(crate) fn last_words(&mut self) -> Option<String> {
+        self.panic.take().or_else(|| {
+            let tail = self.stderr.take_tail();
+            (!tail.is_empty()).then_some(tail)
+        })
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl super::bindings::runnel::stage::types::Host for HostState {}
+
+impl Host for HostState {
+    fn log(&mut self, level: Level, message: String) {
+        let stage = &*self.stage;
+        match level {
+            Level::Trace => tracing::trace!(target: "runnel::stage", stage, "{message}"),
+            Level::Debug => tracing::debug!(target: "runnel::stage", stage, "{message}"),
+            Level::Info => tracing::info!(target: "runnel::stage", stage, "{message}"),
+            Level::Warn => tracing::warn!(target: "runnel::stage", stage, "{message}"),
+            Level::Error => {
+                tracing::error!(target: "runnel::stage", stage, "{message}");
+                if message.starts_with(PANIC_PREFIX) {
+                    self.panic = Some(message);
+                }
+            }
+        }
+    }
+}
+
+/// Caps one instance's linear memory. Growth past the cap traps the call
+/// with a message that names the cap, rather than handing the guest a
+/// failed allocation it would turn into an opaque abort.
+pub struct MemoryCap {
+    cap: usize,
+    /// The size the stage asked for when it was refused, for the dead letter.
+    pub(crate) denied: Option<usize>,
+}
+
+impl MemoryCap {
+    fn new(cap: usize) -> Self {
+        MemoryCap { cap, denied: None }
+    }
+
+    pub(crate) fn cap(&self) -> usize {
+        self.cap
+    }
+}
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.cap {
+            self.denied = Some(desired);
+            wasmtime::bail!(
+                "memory limit reached: the stage asked for {} MiB, its cap is {} MiB",
+                desired.div_ceil(1 << 20),
+                self.cap >> 20
+            );
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        // Tables hold function references; a million is far past any real stage.
+        Ok(desired <= 1_000_000)
+    }
+}

@@ -1,0 +1,284 @@
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::Component;
+use wasmtime::{Store, Trap};
+
+use super::bindings::runnel::stage::types::Outcome;
+use super::bindings::{Stage as StageBindings, StagePre};
+use super::cache::CacheOutcome;
+use super::engine::EPOCH_TICK;
+use super::host::HostState;
+use super::{Engine, Record};
+
+/// How long a call may run and how much memory an instance may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StageLimits {
+    pub timeout: Duration,
+    pub memory_bytes: usize,
+}
+
+/// `init` may set up tables or models, so it gets at least this long.
+const MIN_INIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a stage file could not become a stage.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a WebAssembly file")]
+    NotWasm { path: PathBuf },
+    #[error(
+        "{path} is a core WebAssembly module, not a component: build the stage for the \
+         wasm32-wasip2 target (cargo build --release --target wasm32-wasip2)"
+    )]
+    CoreModule { path: PathBuf },
+    #[error("{path} is not a valid WebAssembly component: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("{path} is not a runnel stage (world runnel:stage/stage@0.1.0): {reason}")]
+    WrongWorld { path: PathBuf, reason: String },
+}
+
+/// Why a call into a stage failed as a whole; the text is the dead-letter reason.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum CallError {
+    #[error("timed out: still running after its {} ms deadline", .0.as_millis())]
+    Timeout(Duration),
+    #[error("{0}")]
+    MemoryCap(String),
+    #[error("stage {0}")]
+    Panic(String),
+    #[error("stage trapped: {0}")]
+    Trap(String),
+    #[error("init failed: {0}")]
+    InitRejected(String),
+    #[error("stage broke the contract: {0}")]
+    Contract(String),
+}
+
+/// A stage compiled and linked, ready to instantiate.
+pub struct LoadedStage {
+    name: Arc<str>,
+    pre: StagePre<HostState>,
+    engine: Engine,
+    config_json: String,
+    limits: StageLimits,
+    /// Whether the compiled stage came from the cache.
+    pub cache: Option<CacheOutcome>,
+}
+
+impl LoadedStage {
+    /// Reads, checks, compiles (or loads from the cache) and links a stage.
+    pub fn load(
+        engine: &Engine,
+        name: &str,
+        path: &Path,
+        config_json: String,
+        limits: StageLimits,
+    ) -> Result<Self, LoadError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        check_header(path, &bytes)?;
+        let invalid = |err: wasmtime::Error| LoadError::Invalid {
+            path: path.to_owned(),
+            reason: format!("{err:#}"),
+        };
+        let (component, cache) = match &engine.cache {
+            Some(cache) => {
+                let (component, outcome) = cache.load(&engine.engine, &bytes).map_err(invalid)?;
+                (component, Some(outcome))
+            }
+            None => (
+                Component::new(&engine.engine, &bytes).map_err(invalid)?,
+                None,
+            ),
+        };
+        let wrong_world = |err: wasmtime::Error| LoadError::WrongWorld {
+            path: path.to_owned(),
+            reason: format!("{err:#}"),
+        };
+        let instance_pre = engine
+            .linker
+            .instantiate_pre(&component)
+            .map_err(wrong_world)?;
+        let pre = StagePre::new(instance_pre).map_err(wrong_world)?;
+        Ok(LoadedStage {
+            name: name.into(),
+            pre,
+            engine: engine.clone(),
+            config_json,
+            limits,
+            cache,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn limits(&self) -> StageLimits {
+        self.limits
+    }
+
+    /// A fresh instance with its own store, after a successful `init`.
+    pub fn instantiate(&self) -> Result<StageInstance, CallError> {
+        let mut store = Store::new(
+            &self.engine.engine,
+            HostState::new(self.name.clone(), self.limits.memory_bytes),
+        );
+        store.limiter(|state| &mut state.limits);
+        store.epoch_deadline_trap();
+        let init_timeout = self.limits.timeout.max(MIN_INIT_TIMEOUT);
+        store.set_epoch_deadline(deadline_ticks(init_timeout));
+        store.data_mut().begin_call();
+        let bindings = match self.pre.instantiate(&mut store) {
+            Ok(bindings) => bindings,
+            Err(err) => return Err(classify(&mut store, err, init_timeout)),
+        };
+        match bindings.call_init(&mut store, &self.config_json) {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => return Err(CallError::InitRejected(reason)),
+            Err(err) => {
+                let cause = classify(&mut store, err, init_timeout);
+                return Err(CallError::InitRejected(cause.to_string()));
+            }
+        }
+        Ok(StageInstance {
+            store,
+            bindings,
+            timeout: self.limits.timeout,
+            ticks: deadline_ticks(self.limits.timeout),
+        })
+    }
+}
+
+/// One live instance of a stage. After a `CallError` it must be replaced:
+/// a trapped instance cannot be entered again.
+pub struct StageInstance {
+    store: Store<HostState>,
+    bindings: StageBindings,
+    timeout: Duration,
+    ticks: u64,
+}
+
+impl StageInstance {
+    /// One outcome per record, checked to be one per record.
+    pub fn process(&mut self, batch: &[Record]) -> Result<Vec<Outcome>, CallError> {
+        self.begin();
+        let outcomes = self
+            .bindings
+            .call_process(&mut self.store, batch)
+            .map_err(|err| classify(&mut self.store, err, self.timeout))?;
+        if outcomes.len() != batch.len() {
+            return Err(CallError::Contract(format!(
+                "returned {} outcomes for {} records",
+                outcomes.len(),
+                batch.len()
+            )));
+        }
+        Ok(outcomes)
+    }
+
+    /// Records the stage emits on its timer or at the end of the input; an
+    /// inner `Err` is the stage's own error.
+    pub fn flush(
+        &mut self,
+        now_ms: i64,
+        end_of_input: bool,
+    ) -> Result<Result<Vec<Record>, String>, CallError> {
+        self.begin();
+        self.bindings
+            .call_flush(&mut self.store, now_ms, end_of_input)
+            .map_err(|err| classify(&mut self.store, err, self.timeout))
+    }
+
+    /// Bytes of linear memory the instance holds now.
+    pub fn memory_cap(&self) -> usize {
+        self.store.data().limits.cap()
+    }
+
+    fn begin(&mut self) {
+        self.store.set_epoch_deadline(self.ticks);
+        self.store.data_mut().begin_call();
+    }
+}
+
+/// Epoch ticks for a deadline: rounded up, plus one because the first
+/// tick may come at any moment after the deadline is set.
+fn deadline_ticks(timeout: Duration) -> u64 {
+    let tick = EPOCH_TICK.as_nanos();
+    (timeout.as_nanos().div_ceil(tick) as u64).saturating_add(1)
+}
+
+fn classify(store: &mut Store<HostState>, err: wasmtime::Error, timeout: Duration) -> CallError {
+    let state = store.data_mut();
+    if state.limits.denied.is_some() {
+        return CallError::MemoryCap(root_message(&err));
+    }
+    if matches!(err.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+        return CallError::Timeout(timeout);
+    }
+    if let Some(words) = state.last_words() {
+        return CallError::Panic(words);
+    }
+    CallError::Trap(root_message(&err))
+}
+
+/// The innermost cause, which for a trap is what happened ("wasm `unreachable`
+/// instruction executed"), without the backtrace wasmtime puts in the middle.
+fn root_message(err: &wasmtime::Error) -> String {
+    let root = err.root_cause().to_string();
+    match err.downcast_ref::<Trap>() {
+        Some(trap) if root != trap.to_string() => format!("{trap}: {root}"),
+        Some(trap) => trap.to_string(),
+        None => root,
+    }
+}
+
+fn check_header(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
+    const MAGIC: &[u8] = b"\0asm";
+    const CORE_VERSION: &[u8] = &[1, 0, 0, 0];
+    if bytes.len() < 8 || &bytes[..4] != MAGIC {
+        return Err(LoadError::NotWasm {
+            path: path.to_owned(),
+        });
+    }
+    if &bytes[4..8] == CORE_VERSION {
+        return Err(LoadError::CoreModule {
+            path: path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadline_rounds_up_and_adds_a_tick() {
+        assert_eq!(deadline_ticks(Duration::from_millis(5)), 2);
+        assert_eq!(deadline_ticks(Duration::from_millis(6)), 3);
+        assert_eq!(deadline_ticks(Duration::from_millis(1000)), 201);
+    }
+
+    #[test]
+    fn header_check_names_the_problem() {
+        let path = Path::new("stage.wasm");
+        assert!(matches!(
+            check_header(path, b"hello world"),
+            Err(LoadError::NotWasm { .. })
+        ));
+        assert!(matches!(
+            check_header(path, b"\0asm\x01\0\0\0"),
+            Err(LoadError::CoreModule { .. })
+        ));
+        assert!(check_header(path, b"\0asm\x0d\0\x01\0").is_ok());
+    }
+}

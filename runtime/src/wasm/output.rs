@@ -1,0 +1,148 @@
+//! Guest stdout and stderr, line by line into `tracing`.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+
+/// Longest line kept before it is logged in pieces, so a stage that writes
+/// without newlines cannot grow the host's memory.
+const MAX_LINE: usize = 4096;
+/// How much of stderr is kept to explain a trap.
+const TAIL: usize = 1024;
+
+#[derive(Clone)]
+pub struct GuestOutput {
+    inner: Arc<Mutex<Lines>>,
+}
+
+struct Lines {
+    stage: Arc<str>,
+    is_stderr: bool,
+    partial: Vec<u8>,
+    tail: String,
+}
+
+impl GuestOutput {
+    pub fn new(stage: Arc<str>, is_stderr: bool) -> Self {
+        GuestOutput {
+            inner: Arc::new(Mutex::new(Lines {
+                stage,
+                is_stderr,
+                partial: Vec::new(),
+                tail: String::new(),
+            })),
+        }
+    }
+
+    /// What was written since the last call, including an unfinished line.
+    pub fn take_tail(&self) -> String {
+        let Ok(mut lines) = self.inner.lock() else {
+            return String::new();
+        };
+        if !lines.partial.is_empty() {
+            lines.emit_partial();
+        }
+        std::mem::take(&mut lines.tail)
+    }
+
+    fn write(&self, bytes: &[u8]) {
+        if let Ok(mut lines) = self.inner.lock() {
+            lines.push(bytes);
+        }
+    }
+}
+
+impl Lines {
+    fn push(&mut self, mut bytes: &[u8]) {
+        while let Some(end) = bytes.iter().position(|&b| b == b'\n') {
+            self.partial.extend_from_slice(&bytes[..end]);
+            self.emit_partial();
+            bytes = &bytes[end + 1..];
+        }
+        self.partial.extend_from_slice(bytes);
+        if self.partial.len() >= MAX_LINE {
+            self.emit_partial();
+        }
+    }
+
+    fn emit_partial(&mut self) {
+        let line = String::from_utf8_lossy(&self.partial).into_owned();
+        self.partial.clear();
+        let stage = &*self.stage;
+        if self.is_stderr {
+            tracing::warn!(target: "runnel::stage", stage, stream = "stderr", "{line}");
+            if !self.tail.is_empty() {
+                self.tail.push('\n');
+            }
+            self.tail.push_str(&line);
+            if self.tail.len() > TAIL {
+                let mut cut = self.tail.len() - TAIL;
+                while !self.tail.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                self.tail.drain(..cut);
+            }
+        } else {
+            tracing::info!(target: "runnel::stage", stage, stream = "stdout", "{line}");
+        }
+    }
+}
+
+impl IsTerminal for GuestOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestOutput {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for GuestOutput {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for GuestOutput {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        GuestOutput::write(self, &bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(MAX_LINE)
+    }
+}
+
+impl tokio::io::AsyncWrite for GuestOutput {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        GuestOutput::write(&self, buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
