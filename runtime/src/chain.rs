@@ -61,6 +61,10 @@ pub struct StageStats {
     pub busy: Duration,
 }
 
+/// After a batch fails, records are retried one by one; this many failures
+/// in a row means the stage fails on everything, and the rest are not retried.
+const MAX_FAILURES_IN_A_ROW: usize = 3;
+
 struct Slot {
     stage: LoadedStage,
     instance: Option<StageInstance>,
@@ -149,23 +153,75 @@ impl Slot {
         dead_letters: &mut Vec<DeadLetter>,
     ) -> Vec<(Option<usize>, Record)> {
         let (origins, records): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let mut next = Vec::with_capacity(records.len());
+        match self.call(&records) {
+            Ok(outcomes) => self.sort(origins, records, outcomes, &mut next, dead_letters),
+            Err(err) if records.len() == 1 => {
+                self.dead_letter_all(&err, origins, records, dead_letters);
+            }
+            // One bad record must not take its batch with it: run the records
+            // one by one on a fresh instance, so only the culprit is dead-lettered.
+            Err(err) => self.isolate(err, origins, records, &mut next, dead_letters),
+        }
+        next
+    }
+
+    fn isolate(
+        &mut self,
+        first: CallError,
+        origins: Vec<Option<usize>>,
+        records: Vec<Record>,
+        next: &mut Vec<(Option<usize>, Record)>,
+        dead_letters: &mut Vec<DeadLetter>,
+    ) {
+        let mut failures_in_a_row = 0;
+        let mut last = first;
+        let mut pending = origins.into_iter().zip(records);
+        for (origin, record) in pending.by_ref() {
+            let single = [record];
+            match self.call(&single) {
+                Ok(outcomes) => {
+                    failures_in_a_row = 0;
+                    let [record] = single;
+                    self.sort(vec![origin], vec![record], outcomes, next, dead_letters);
+                }
+                Err(err) => {
+                    failures_in_a_row += 1;
+                    let [record] = single;
+                    dead_letters.push(self.dead_letter(err.to_string(), record, origin));
+                    last = err;
+                    if failures_in_a_row >= MAX_FAILURES_IN_A_ROW {
+                        break;
+                    }
+                }
+            }
+        }
+        // The stage fails on everything: the rest share the last reason
+        // rather than each waiting out a deadline.
+        let (origins, records): (Vec<_>, Vec<_>) = pending.unzip();
+        self.dead_letter_all(&last, origins, records, dead_letters);
+    }
+
+    fn call(&mut self, records: &[Record]) -> Result<Vec<Outcome>, CallError> {
         self.stats.calls += 1;
         self.stats.records_in += records.len() as u64;
         let started = Instant::now();
-        let result = self.instance().and_then(|i| i.process(&records));
+        let result = self.instance().and_then(|i| i.process(records));
         self.stats.busy += started.elapsed();
-        let outcomes = match result {
-            Ok(outcomes) => outcomes,
-            Err(err) => {
-                self.fail(&err);
-                let reason = err.to_string();
-                for (origin, record) in origins.into_iter().zip(records) {
-                    dead_letters.push(self.dead_letter(reason.clone(), record, origin));
-                }
-                return Vec::new();
-            }
-        };
-        let mut next = Vec::with_capacity(records.len());
+        if let Err(err) = &result {
+            self.fail(err);
+        }
+        result
+    }
+
+    fn sort(
+        &mut self,
+        origins: Vec<Option<usize>>,
+        records: Vec<Record>,
+        outcomes: Vec<Outcome>,
+        next: &mut Vec<(Option<usize>, Record)>,
+        dead_letters: &mut Vec<DeadLetter>,
+    ) {
         for ((origin, record), outcome) in origins.into_iter().zip(records).zip(outcomes) {
             match outcome {
                 Outcome::Emit(outputs) => {
@@ -178,7 +234,19 @@ impl Slot {
                 }
             }
         }
-        next
+    }
+
+    fn dead_letter_all(
+        &self,
+        err: &CallError,
+        origins: Vec<Option<usize>>,
+        records: Vec<Record>,
+        dead_letters: &mut Vec<DeadLetter>,
+    ) {
+        let reason = err.to_string();
+        for (origin, record) in origins.into_iter().zip(records) {
+            dead_letters.push(self.dead_letter(reason.clone(), record, origin));
+        }
     }
 
     fn flush(

@@ -200,12 +200,10 @@ impl Pipeline {
         Ok(pipeline)
     }
 
-    /// The folder relative paths in the file are taken from.
+    /// The folder relative paths in the file are taken from; empty for the
+    /// current folder, so paths print as the user wrote them.
     pub fn base_dir(&self) -> &Path {
-        match self.path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir,
-            _ => Path::new("."),
-        }
+        self.path.parent().unwrap_or(Path::new(""))
     }
 
     /// A path from the file, made relative to the pipeline's folder.

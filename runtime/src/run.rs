@@ -12,7 +12,7 @@ use crate::codec::LineFormat;
 use crate::config::{ConfigError, Pipeline};
 use crate::sink::{Sink, SinkConfig};
 use crate::source::{Clock, Source};
-use crate::wasm::{Engine, EngineOptions, LoadedStage, StageLimits};
+use crate::wasm::{CacheOutcome, Engine, EngineOptions, LoadedStage, StageLimits};
 use crate::Record;
 
 /// Where the dead letter goes when the pipeline file does not say.
@@ -97,11 +97,17 @@ pub fn load_stages(pipeline: &Pipeline, engine: &Engine) -> Result<Vec<LoadedSta
             memory_bytes: (stage.memory_mb() as usize) << 20,
         };
         let path = pipeline.resolve(stage.wasm.get_ref());
+        let started = std::time::Instant::now();
         let loaded =
             LoadedStage::load(engine, name, &path, stage.config_json(), limits).map_err(|err| {
                 pipeline.error_at(stage.wasm.span(), format!("stage `{name}`: {err}"))
             })?;
-        tracing::debug!(stage = name, cache = ?loaded.cache, "stage loaded");
+        tracing::info!(
+            stage = name,
+            from_cache = loaded.cache == Some(CacheOutcome::Hit),
+            ms = started.elapsed().as_millis() as u64,
+            "stage loaded"
+        );
         stages.push(loaded);
     }
     Ok(stages)

@@ -71,5 +71,12 @@ pub struct NoConfig {}
 
 /// Reads a stage's config the way the host hands it over (JSON text).
 pub fn parse_config<C: DeserializeOwned>(json: &str) -> Result<C, Error> {
-    serde_json::from_str(json).map_err(|err| Error::msg(format!("invalid stage config: {err}")))
+    serde_json::from_str(json).map_err(|err| {
+        // The place in the JSON the host made means nothing to the author
+        // of the TOML table; the field name says where.
+        let message = err.to_string();
+        let place = format!(" at line {} column {}", err.line(), err.column());
+        let message = message.strip_suffix(&place).unwrap_or(&message);
+        Error::msg(format!("invalid stage config: {message}"))
+    })
 }

@@ -1,1 +1,116 @@
+//! Shared by the end-to-end tests and the benchmarks: where the example
+//! stages were built, and a way to run the real `runnel` binary.
 
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// The folder holding the freshly built `.wasm` stages.
+pub fn stages_dir() -> PathBuf {
+    PathBuf::from(env!("RUNNEL_STAGES_DIR"))
+}
+
+/// The `.wasm` file of an example stage, e.g. `stage("parse")`.
+pub fn stage(name: &str) -> PathBuf {
+    let path = stages_dir().join(format!("{name}.wasm"));
+    assert!(path.is_file(), "stage {} was not built", path.display());
+    path
+}
+
+/// The repository root.
+pub fn repo_dir() -> PathBuf {
+    PathBuf::from(env!("RUNNEL_REPO_DIR"))
+}
+
+/// A compile cache shared by every test of a run, so each stage is compiled
+/// once per run rather than once per test.
+pub fn shared_cache_dir() -> PathBuf {
+    repo_dir().join("target/test-compile-cache")
+}
+
+/// What a run of the binary left behind.
+pub struct Run {
+    pub status: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from_output(out: Output) -> Self {
+        Run {
+            status: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Lines of stdout parsed as JSON.
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("stdout line {l:?}: {e}")))
+            .collect()
+    }
+
+    /// The closing "runnel: N in: ..." line.
+    pub fn summary(&self) -> &str {
+        self.stderr
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("runnel: ") && l.contains(" in: "))
+            .unwrap_or_else(|| panic!("no summary line in stderr:\n{}", self.stderr))
+    }
+}
+
+/// Runs `bin` with `args` in `dir`, feeding `stdin`, with the shared compile
+/// cache and info logs.
+pub fn run_binary(bin: &Path, dir: &Path, args: &[&str], stdin: &[u8]) -> Run {
+    run_binary_with(bin, dir, args, stdin, &[("RUST_LOG", "info")])
+}
+
+/// [`run_binary`] with more environment variables.
+pub fn run_binary_with(
+    bin: &Path,
+    dir: &Path,
+    args: &[&str],
+    stdin: &[u8],
+    env: &[(&str, &str)],
+) -> Run {
+    let mut child = Command::new(bin)
+        .args(args)
+        .current_dir(dir)
+        .env("RUNNEL_CACHE_DIR", shared_cache_dir())
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin).expect("write stdin");
+    }
+    Run::from_output(child.wait_with_output().expect("wait for runnel"))
+}
+
+/// Reads a JSON-lines file.
+pub fn read_json_lines(path: &Path) -> Vec<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("{} line {l:?}: {e}", path.display()))
+        })
+        .collect()
+}
+
+/// The numbers of a summary line, in its order: in, produced output,
+/// filtered, dead-lettered, out, from timers, dead-letter entries.
+pub fn summary_numbers(summary: &str) -> Vec<u64> {
+    summary
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().expect("digits"))
+        .collect()
+}

@@ -7,6 +7,7 @@ mod host;
 mod instance;
 mod output;
 
+pub use cache::CacheOutcome;
 pub use engine::{Engine, EngineOptions};
 pub use instance::{CallError, LoadError, LoadedStage, StageInstance, StageLimits};
 

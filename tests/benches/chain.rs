@@ -1,0 +1,194 @@
+//! Per-record cost of the example chain through runnel against the same
+//! stage code compiled natively and called directly, measured in one run,
+//! at batch sizes 1 and 64; and the cost of a pass-through stage.
+//!
+//! cargo bench -p runnel-tests --bench chain
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use runnel::chain::Chain;
+use runnel::wasm::{Engine, EngineOptions, LoadedStage, StageLimits};
+use runnel_sdk::Stage;
+
+/// Records per measured round.
+const RECORDS: usize = 64 * 1024;
+const ROUNDS: usize = 5;
+const DEVICES: usize = 16;
+
+/// The demo pipeline's stage configs, so both sides do the same work.
+const STAGES: &[(&str, &str)] = &[
+    ("parse", r#"{"units":{"temperature":"C","humidity":"%"}}"#),
+    (
+        "validate",
+        r#"{"required":["temperature"],"ranges":{"temperature":{"min":-40,"max":125}}}"#,
+    ),
+    (
+        "convert",
+        r#"{"convert":{"temperature":"C"},"default_tags":{"site":"plant-a"}}"#,
+    ),
+    ("anomaly", r#"{"threshold":4.0,"warmup":8}"#),
+    ("window", r#"{"size_ms":60000}"#),
+];
+
+/// ~100-byte JSON readings from 16 devices, one a second each.
+fn readings() -> Vec<(String, Vec<u8>, i64)> {
+    (0..RECORDS)
+        .map(|i| {
+            let device = format!("dev-{}", i % DEVICES);
+            let ts = 1_767_225_600_000 + (i / DEVICES) as i64 * 1000;
+            let temperature = 21.0 + (i % 7) as f64 * 0.1;
+            let payload = format!(
+                r#"{{"device":"{device}","ts":{ts},"temperature":{temperature:.2},"humidity":{:.1}}}"#,
+                40.0 + (i % 5) as f64
+            );
+            (device, payload.into_bytes(), ts)
+        })
+        .collect()
+}
+
+fn wasm_records(data: &[(String, Vec<u8>, i64)]) -> Vec<runnel::Record> {
+    data.iter()
+        .map(|(device, payload, ts)| {
+            let mut r = runnel::Record::new(payload.clone());
+            r.key = Some(device.clone());
+            r.topic = Some(format!("sensors/{device}/telemetry"));
+            r.timestamp = Some(*ts);
+            r
+        })
+        .collect()
+}
+
+fn native_records(data: &[(String, Vec<u8>, i64)]) -> Vec<runnel_sdk::Record> {
+    data.iter()
+        .map(|(device, payload, ts)| {
+            runnel_sdk::Record::new(payload.clone())
+                .with_key(device.clone())
+                .with_topic(format!("sensors/{device}/telemetry"))
+                .with_timestamp(*ts)
+        })
+        .collect()
+}
+
+type NativeStage = Box<dyn FnMut(Vec<runnel_sdk::Record>) -> Vec<runnel_sdk::Record>>;
+
+fn native<S: Stage>(config: &str) -> NativeStage {
+    let config = runnel_sdk::parse_config::<S::Config>(config).expect("config");
+    let mut stage = S::init(config).expect("init");
+    Box::new(move |batch| {
+        stage
+            .process_batch(batch)
+            .into_iter()
+            .flat_map(|r| r.unwrap_or_default())
+            .collect()
+    })
+}
+
+fn native_chain() -> Vec<NativeStage> {
+    vec![
+        native::<parse::Parse>(STAGES[0].1),
+        native::<validate::ValidateStage>(STAGES[1].1),
+        native::<convert::Convert>(STAGES[2].1),
+        native::<anomaly::Anomaly>(STAGES[3].1),
+        native::<window::Window>(STAGES[4].1),
+    ]
+}
+
+fn wasm_chain(engine: &Engine, stages: &[(&str, &str)]) -> Chain {
+    let loaded = stages
+        .iter()
+        .map(|(name, config)| {
+            let limits = StageLimits {
+                timeout: Duration::from_secs(1),
+                memory_bytes: 64 << 20,
+            };
+            LoadedStage::load(
+                engine,
+                name,
+                &runnel_tests::stage(name),
+                config.to_string(),
+                limits,
+            )
+            .expect("load stage")
+        })
+        .collect();
+    Chain::start(loaded)
+        .map_err(|(n, e)| format!("{n}: {e}"))
+        .expect("start chain")
+}
+
+/// Median ns per record over the rounds; `make` builds a fresh chain per round
+/// so stateful stages start alike.
+fn measure<C, R: Clone>(
+    records: &[R],
+    batch: usize,
+    mut make: impl FnMut() -> C,
+    mut run: impl FnMut(&mut C, Vec<R>) -> usize,
+) -> f64 {
+    let mut per_record = Vec::with_capacity(ROUNDS);
+    for round in 0..=ROUNDS {
+        let mut chain = make();
+        let batches: Vec<Vec<R>> = records.chunks(batch).map(<[R]>::to_vec).collect();
+        let started = Instant::now();
+        let mut outputs = 0;
+        for b in batches {
+            outputs += run(&mut chain, b);
+        }
+        let elapsed = started.elapsed();
+        black_box(outputs);
+        if round > 0 {
+            // Round 0 warms caches and the allocator.
+            per_record.push(elapsed.as_nanos() as f64 / records.len() as f64);
+        }
+    }
+    per_record.sort_by(f64::total_cmp);
+    per_record[per_record.len() / 2]
+}
+
+fn main() {
+    let data = readings();
+    let wasm_in = wasm_records(&data);
+    let native_in = native_records(&data);
+    let engine = Engine::new(&EngineOptions::default()).expect("engine");
+
+    println!("runnel chain benchmark: {RECORDS} readings of ~100 bytes, median of {ROUNDS} rounds");
+    println!("{:<44} {:>12} {:>10}", "", "ns/record", "vs native");
+    for batch in [64, 1] {
+        let native_ns = measure(&native_in, batch, native_chain, |chain, mut b| {
+            for stage in chain.iter_mut() {
+                b = stage(b);
+            }
+            b.len()
+        });
+        let wasm_ns = measure(
+            &wasm_in,
+            batch,
+            || wasm_chain(&engine, STAGES),
+            |chain, b| chain.process(b).outputs.len(),
+        );
+        println!(
+            "{:<44} {native_ns:>12.0}",
+            format!("example chain (5 stages), native, batch {batch}")
+        );
+        println!(
+            "{:<44} {wasm_ns:>12.0} {:>9.2}x",
+            format!("example chain (5 stages), runnel, batch {batch}"),
+            wasm_ns / native_ns
+        );
+    }
+
+    let pass = [("passthrough", "{}")];
+    for batch in [1, 64] {
+        let ns = measure(
+            &wasm_in,
+            batch,
+            || wasm_chain(&engine, &pass),
+            |chain, b| chain.process(b).outputs.len(),
+        );
+        let label = if batch == 1 { "ns/call" } else { "ns/record" };
+        println!(
+            "{:<44} {ns:>12.0}   ({label})",
+            format!("pass-through stage, runnel, batch {batch}")
+        );
+    }
+}

@@ -1,0 +1,204 @@
+//! Stages that panic, loop, hog memory or misbehave: the host survives,
+//! dead-letters only the record at fault with the reason, and goes on.
+
+use std::path::Path;
+
+use runnel_tests::{read_json_lines, run_binary, stage, summary_numbers, Run};
+
+const BIN: &str = env!("CARGO_BIN_EXE_runnel");
+
+/// Runs the `faults` stage over `lines` (one payload each) in batches of 4.
+fn run_faults(dir: &Path, lines: &[&str], extra_stage_settings: &str) -> Run {
+    let pipeline = format!(
+        r#"
+[pipeline]
+batch_size = 4
+[source]
+type = "file"
+path = "in.txt"
+[[stage]]
+name = "faults"
+wasm = {:?}
+timeout_ms = 100
+memory_mb = 16
+{extra_stage_settings}
+[sink]
+type = "file"
+path = "out.txt"
+format = "payload"
+[dead_letter]
+type = "file"
+path = "dead.jsonl"
+"#,
+        stage("faults").display().to_string()
+    );
+    std::fs::write(dir.join("p.toml"), pipeline).expect("write pipeline");
+    std::fs::write(dir.join("in.txt"), lines.join("\n")).expect("write input");
+    run_binary(Path::new(BIN), dir, &["run", "p.toml"], b"")
+}
+
+fn outputs(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("out.txt"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn dead_reasons(dir: &Path) -> Vec<(String, String)> {
+    read_json_lines(&dir.join("dead.jsonl"))
+        .iter()
+        .map(|d| {
+            (
+                d["record"]["text"].as_str().unwrap_or("").to_string(),
+                d["reason"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn assert_counts_add_up(run: &Run, inputs: u64) {
+    let n = summary_numbers(run.summary());
+    assert_eq!(n[0], inputs, "{}", run.summary());
+    assert_eq!(n[0], n[1] + n[2] + n[3], "{}", run.summary());
+}
+
+#[test]
+fn a_panicking_stage_loses_only_the_record_it_panicked_on() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let run = run_faults(dir.path(), &["a", "b", "panic", "c", "d", "e"], "");
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert_eq!(outputs(dir.path()), ["a", "b", "c", "d", "e"]);
+    let dead = dead_reasons(dir.path());
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].0, "panic");
+    assert!(
+        dead[0]
+            .1
+            .starts_with("stage panicked at faults/src/lib.rs:")
+            && dead[0].1.ends_with(": asked to panic"),
+        "{}",
+        dead[0].1
+    );
+    assert_counts_add_up(&run, 6);
+}
+
+#[test]
+fn an_endless_loop_is_interrupted_at_its_deadline() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let started = std::time::Instant::now();
+    let run = run_faults(dir.path(), &["a", "loop", "b"], "");
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert_eq!(outputs(dir.path()), ["a", "b"]);
+    assert_eq!(
+        dead_reasons(dir.path()),
+        [(
+            "loop".to_string(),
+            "timed out: still running after its 100 ms deadline".to_string()
+        )]
+    );
+    // A hang guard, not a speed goal: two 100 ms deadlines cannot take a minute.
+    assert!(started.elapsed().as_secs() < 60);
+    assert_counts_add_up(&run, 3);
+}
+
+#[test]
+fn unbounded_allocation_stops_at_the_memory_cap() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let run = run_faults(dir.path(), &["hog", "a"], "");
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert_eq!(outputs(dir.path()), ["a"]);
+    let dead = dead_reasons(dir.path());
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0]
+            .1
+            .starts_with("memory limit reached: the stage asked for")
+            && dead[0].1.ends_with("its cap is 16 MiB"),
+        "{}",
+        dead[0].1
+    );
+}
+
+#[test]
+fn a_stage_that_fails_on_everything_does_not_wait_out_every_deadline() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let lines = vec!["loop"; 12];
+    let run = run_faults(dir.path(), &lines, "");
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let dead = dead_reasons(dir.path());
+    assert_eq!(dead.len(), 12, "every record accounted for");
+    assert!(dead
+        .iter()
+        .all(|(_, reason)| reason.starts_with("timed out")));
+    assert_counts_add_up(&run, 12);
+}
+
+#[test]
+fn stages_cannot_touch_the_file_system_and_their_output_is_logged() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let escape = Path::new("/tmp/runnel-escape");
+    let _ = std::fs::remove_file(escape);
+    let run = run_faults(dir.path(), &["write-file", "print", "reject"], "");
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert!(!escape.exists(), "a stage wrote to the host's file system");
+    let dead = dead_reasons(dir.path());
+    assert_eq!(dead.len(), 2);
+    assert!(
+        dead[0].1.starts_with("cannot write a file:"),
+        "{}",
+        dead[0].1
+    );
+    assert_eq!(
+        dead[1],
+        ("reject".to_string(), "asked to reject".to_string())
+    );
+    assert!(run.stderr.contains("hello from stdout"), "{}", run.stderr);
+    assert!(run.stderr.contains("hello from stderr"), "{}", run.stderr);
+    assert_eq!(outputs(dir.path()), ["print"]);
+}
+
+#[test]
+fn malformed_input_lines_go_to_the_dead_letter_with_their_line_number() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pipeline = format!(
+        r#"
+[source]
+type = "file"
+path = "in.jsonl"
+format = "record"
+[[stage]]
+name = "pass"
+wasm = {:?}
+[sink]
+type = "file"
+path = "out.jsonl"
+[dead_letter]
+type = "file"
+path = "dead.jsonl"
+"#,
+        stage("passthrough").display().to_string()
+    );
+    std::fs::write(dir.path().join("p.toml"), pipeline).expect("write");
+    let input = "{\"text\":\"one\"}\n{\"paylod\":1}\nnot json\n{\"text\":\"two\"}\n";
+    std::fs::write(dir.path().join("in.jsonl"), input).expect("write");
+    let run = run_binary(Path::new(BIN), dir.path(), &["run", "p.toml"], b"");
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert_eq!(read_json_lines(&dir.path().join("out.jsonl")).len(), 2);
+    let dead = read_json_lines(&dir.path().join("dead.jsonl"));
+    assert_eq!(dead.len(), 2);
+    assert_eq!(dead[0]["stage"], "source");
+    assert!(
+        dead[0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("in.jsonl line 2: not a record object: unknown field `paylod`"),
+        "{}",
+        dead[0]["reason"]
+    );
+    assert_eq!(
+        dead[1]["record"]["text"], "not json",
+        "the raw line is kept"
+    );
+    assert_counts_add_up(&run, 4);
+}

@@ -1,0 +1,84 @@
+//! Bad pipeline files and bad stages: `runnel check` (and `run`) exit 2 with
+//! a message naming the file, line and field. Each case is a `.toml` in
+//! tests/ui/ next to the `.err` text it must print; RUNNEL_BLESS=1 rewrites them.
+
+use std::path::Path;
+
+use runnel_tests::{repo_dir, run_binary_with};
+
+/// Logs off: stderr is then exactly the error message.
+const QUIET: &[(&str, &str)] = &[("RUST_LOG", "off")];
+
+const BIN: &str = env!("CARGO_BIN_EXE_runnel");
+
+#[test]
+fn every_bad_pipeline_gets_its_expected_message() {
+    let ui = repo_dir().join("tests/ui");
+    let mut cases: Vec<_> = std::fs::read_dir(&ui)
+        .expect("tests/ui")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 10, "cases: {cases:?}");
+    let bless = std::env::var_os("RUNNEL_BLESS").is_some();
+    let mut failures = Vec::new();
+    for case in &cases {
+        let name = case
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("utf-8 name");
+        let run = run_binary_with(Path::new(BIN), &ui, &["check", name], b"", QUIET);
+        let stderr = run.stderr.trim_end();
+        let expected_path = case.with_extension("err");
+        if bless {
+            std::fs::write(&expected_path, format!("{stderr}\n")).expect("bless");
+            continue;
+        }
+        let expected = std::fs::read_to_string(&expected_path).unwrap_or_default();
+        if run.status != Some(2) || stderr.trim_end() != expected.trim_end() {
+            failures.push(format!(
+                "{name}: exit {:?}\n--- expected\n{}\n--- got\n{}",
+                run.status,
+                expected.trim_end(),
+                run.stderr.trim_end()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n\n"));
+}
+
+#[test]
+fn run_refuses_a_bad_pipeline_the_same_way() {
+    let ui = repo_dir().join("tests/ui");
+    let run = run_binary_with(
+        Path::new(BIN),
+        &ui,
+        &["run", "unknown-stage-field.toml"],
+        b"",
+        QUIET,
+    );
+    assert_eq!(run.status, Some(2));
+    let expected = std::fs::read_to_string(ui.join("unknown-stage-field.err")).expect("err file");
+    assert_eq!(run.stderr.trim_end(), expected.trim_end());
+}
+
+#[test]
+fn a_missing_pipeline_file_is_named() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let run = run_binary_with(
+        Path::new(BIN),
+        dir.path(),
+        &["check", "nope.toml"],
+        b"",
+        QUIET,
+    );
+    assert_eq!(run.status, Some(2));
+    assert!(
+        run.stderr
+            .starts_with("runnel: cannot read pipeline nope.toml: No such file or directory"),
+        "{}",
+        run.stderr
+    );
+}

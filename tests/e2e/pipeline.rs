@@ -1,0 +1,191 @@
+//! The real binary running real stages end to end.
+
+use std::path::{Path, PathBuf};
+
+use runnel_tests::{read_json_lines, repo_dir, run_binary, stage, stages_dir, summary_numbers};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_runnel");
+
+/// The demo pipeline, pointed at the built stages and the demo data, with
+/// its dead letter in `dir`.
+fn demo_pipeline(dir: &Path) -> PathBuf {
+    let text =
+        std::fs::read_to_string(repo_dir().join("demo/pipeline.toml")).expect("demo pipeline");
+    let stages = format!("{}/", stages_dir().display());
+    let sensors = repo_dir().join("demo/sensors.jsonl");
+    let text = text
+        .replace("../functions/target/wasm32-wasip2/release/", &stages)
+        .replace(
+            "\"sensors.jsonl\"",
+            &format!("{:?}", sensors.display().to_string()),
+        );
+    let path = dir.join("pipeline.toml");
+    std::fs::write(&path, text).expect("write pipeline");
+    path
+}
+
+fn by_kind<'a>(outputs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    outputs
+        .iter()
+        .filter(|o| o["headers"]["kind"] == kind)
+        .collect()
+}
+
+#[test]
+fn demo_pipeline_accounts_for_every_reading() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    demo_pipeline(dir.path());
+    let run = run_binary(Path::new(BIN), dir.path(), &["run", "pipeline.toml"], b"");
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+
+    let outputs = run.json_lines();
+    let aggregates = by_kind(&outputs, "aggregate");
+    let alerts = by_kind(&outputs, "alert");
+    // 3 devices x 3 one-minute windows x 2 metrics each; the last window of
+    // each device comes from the end-of-input flush.
+    assert_eq!(aggregates.len(), 18, "{}", run.stdout);
+    assert_eq!(alerts.len(), 1, "{}", run.stdout);
+    assert_eq!(alerts[0]["key"], "dev-1");
+    assert_eq!(alerts[0]["payload"]["metric"], "temperature");
+    assert_eq!(alerts[0]["topic"], "alerts/dev-1");
+    let dev2_temp = aggregates
+        .iter()
+        .find(|a| a["key"] == "dev-2" && a["payload"]["metric"] == "temperature")
+        .expect("dev-2 temperature window");
+    assert_eq!(dev2_temp["payload"]["unit"], "C", "Fahrenheit converted");
+
+    let dead = read_json_lines(&dir.path().join("out/dead-letter.jsonl"));
+    let reasons: Vec<(&str, &str)> = dead
+        .iter()
+        .map(|d| {
+            (
+                d["stage"].as_str().unwrap_or(""),
+                d["reason"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            (
+                "parse",
+                "dev-2: column `temperature` is \"abc\", not a number"
+            ),
+            (
+                "parse",
+                "dev-3: payload is not valid JSON: EOF while parsing a value at line 1 column 47"
+            ),
+            ("validate", "dev-3: temperature 900 C above maximum 125"),
+        ]
+    );
+    assert_eq!(
+        dead[2]["record"]["key"], "dev-3",
+        "the record is kept whole"
+    );
+
+    let n = summary_numbers(run.summary());
+    let lines = std::fs::read_to_string(repo_dir().join("demo/sensors.jsonl")).expect("demo data");
+    assert_eq!(n[0], lines.lines().count() as u64, "every line counted in");
+    assert_eq!(
+        n[0],
+        n[1] + n[2] + n[3],
+        "in = output + filtered + dead: {}",
+        run.summary()
+    );
+    assert_eq!(n[3], 3);
+    assert_eq!(n[4], outputs.len() as u64);
+    assert_eq!(n[6], 3);
+}
+
+#[test]
+fn check_loads_and_starts_every_stage() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    demo_pipeline(dir.path());
+    let run = run_binary(Path::new(BIN), dir.path(), &["check", "pipeline.toml"], b"");
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert_eq!(
+        run.stdout.trim(),
+        "pipeline.toml: ok, 5 stage(s) loaded and started"
+    );
+    assert!(
+        !dir.path().join("out").exists(),
+        "check reads and writes no records"
+    );
+}
+
+#[test]
+fn stdin_to_stdout_keeps_order_per_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pipeline = format!(
+        r#"
+[pipeline]
+batch_size = 7
+[source]
+type = "stdin"
+format = "record"
+[[stage]]
+name = "pass"
+wasm = {:?}
+[sink]
+type = "stdout"
+"#,
+        stage("passthrough").display().to_string()
+    );
+    std::fs::write(dir.path().join("p.toml"), pipeline).expect("write");
+    let mut input = String::new();
+    for i in 0..500 {
+        input.push_str(&format!(
+            "{{\"key\":\"k{}\",\"headers\":{{\"seq\":\"{i}\"}},\"payload\":{{\"n\":{i}}}}}\n",
+            i % 7
+        ));
+    }
+    let run = run_binary(
+        Path::new(BIN),
+        dir.path(),
+        &["run", "p.toml"],
+        input.as_bytes(),
+    );
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let outputs = run.json_lines();
+    assert_eq!(outputs.len(), 500);
+    for key in 0..7 {
+        let seqs: Vec<u64> = outputs
+            .iter()
+            .filter(|o| o["key"] == format!("k{key}"))
+            .map(|o| o["payload"]["n"].as_u64().expect("n"))
+            .collect();
+        let mut sorted = seqs.clone();
+        sorted.sort_unstable();
+        assert_eq!(seqs, sorted, "key k{key} out of order");
+    }
+    assert_eq!(outputs[0]["headers"]["seq"], "0", "headers carried through");
+}
+
+#[test]
+fn second_start_loads_stages_from_the_compile_cache() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    demo_pipeline(dir.path());
+    let cache = dir.path().join("cache");
+    let check = || {
+        let out = std::process::Command::new(BIN)
+            .args(["check", "pipeline.toml"])
+            .current_dir(dir.path())
+            .env("RUNNEL_CACHE_DIR", &cache)
+            .env("RUST_LOG", "info")
+            .output()
+            .expect("run check");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let first = check();
+    assert_eq!(first.matches("from_cache=false").count(), 5, "{first}");
+    let second = check();
+    assert_eq!(second.matches("from_cache=true").count(), 5, "{second}");
+    let entries = std::fs::read_dir(&cache).expect("cache dir").count();
+    assert_eq!(entries, 5, "one compiled file per distinct stage");
+}
