@@ -4,10 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::wasm::{CallError, LoadedStage, Record, StageInstance};
-
-/// Outcome of one call from the stage's side.
-use crate::wasm::bindings::runnel::stage::types::Outcome;
+use crate::wasm::{CallError, LoadedStage, Outcome, Record, StageInstance};
 
 /// A record that could not go on, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]

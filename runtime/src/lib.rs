@@ -8,6 +8,7 @@ pub mod chain;
 pub mod codec;
 pub mod config;
 pub mod deadletter;
+mod record;
 pub mod run;
 pub mod sink;
 pub mod source;

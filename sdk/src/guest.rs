@@ -3,6 +3,8 @@
 
 use std::cell::RefCell;
 
+use runnel_wire::{put_emit, put_record, put_reject, put_u32, Reader, RecordRef, MIN_RECORD};
+
 use crate::{parse_config, Record, Stage};
 
 #[cfg(target_family = "wasm")]
@@ -14,34 +16,6 @@ pub mod bindings {
         export_macro_name: "export_world",
         default_bindings_module: "runnel_sdk::__private::bindings",
     });
-
-    use crate::Record as SdkRecord;
-    use runnel::stage::types::Record as WitRecord;
-
-    // Same fields on both sides, so these are moves, not copies.
-    impl From<WitRecord> for SdkRecord {
-        fn from(r: WitRecord) -> Self {
-            SdkRecord {
-                payload: r.payload,
-                key: r.key,
-                topic: r.topic,
-                timestamp: r.timestamp,
-                headers: r.headers,
-            }
-        }
-    }
-
-    impl From<SdkRecord> for WitRecord {
-        fn from(r: SdkRecord) -> Self {
-            WitRecord {
-                payload: r.payload,
-                key: r.key,
-                topic: r.topic,
-                timestamp: r.timestamp,
-                headers: r.headers,
-            }
-        }
-    }
 }
 
 /// Marks panic messages so the host can name them in the dead letter: with
@@ -77,28 +51,128 @@ pub fn init<S: Stage>(slot: &RefCell<Option<S>>, config: String) -> Result<(), S
     Ok(())
 }
 
-/// One outcome per input: the outputs, or the reason for the dead letter.
-pub fn process<S: Stage>(
-    slot: &RefCell<Option<S>>,
-    batch: Vec<Record>,
-) -> Vec<Result<Vec<Record>, String>> {
+/// Decodes a batch, runs it, and encodes one outcome per input.
+pub fn process<S: Stage>(slot: &RefCell<Option<S>>, batch: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(batch.len() + 64);
+    let records = match decode_records(batch) {
+        Ok(records) => records,
+        // Only a host bug gets here; an empty answer makes the host say so.
+        Err(_) => return out,
+    };
+    put_u32(&mut out, records.len() as u32);
     let mut slot = slot.borrow_mut();
     let Some(stage) = slot.as_mut() else {
-        return batch.iter().map(|_| Err(NOT_STARTED.to_string())).collect();
+        for _ in &records {
+            put_reject(&mut out, NOT_STARTED);
+        }
+        return out;
     };
-    stage
-        .process_batch(batch)
-        .into_iter()
-        .map(|r| r.map_err(|e| e.to_string()))
-        .collect()
+    for outcome in stage.process_batch(records) {
+        match outcome {
+            Ok(outputs) => {
+                put_emit(&mut out, outputs.len());
+                for record in &outputs {
+                    encode(&mut out, record);
+                }
+            }
+            Err(err) => put_reject(&mut out, err.message()),
+        }
+    }
+    out
 }
 
 pub fn flush<S: Stage>(
     slot: &RefCell<Option<S>>,
     now_ms: i64,
     end_of_input: bool,
-) -> Result<Vec<Record>, String> {
+) -> Result<Vec<u8>, String> {
     let mut slot = slot.borrow_mut();
     let stage = slot.as_mut().ok_or_else(|| NOT_STARTED.to_string())?;
-    stage.flush(now_ms, end_of_input).map_err(|e| e.to_string())
+    let records = stage
+        .flush(now_ms, end_of_input)
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    put_u32(&mut out, records.len() as u32);
+    for record in &records {
+        encode(&mut out, record);
+    }
+    Ok(out)
+}
+
+fn encode(out: &mut Vec<u8>, record: &Record) {
+    put_record(
+        out,
+        &record.payload,
+        record.key.as_deref(),
+        record.topic.as_deref(),
+        record.timestamp,
+        record.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())),
+    );
+}
+
+fn decode_records(buf: &[u8]) -> Result<Vec<Record>, runnel_wire::WireError> {
+    let mut reader = Reader::new(buf);
+    let n = reader.count(MIN_RECORD)?;
+    let mut records = Vec::with_capacity(n);
+    for _ in 0..n {
+        records.push(owned(reader.record()?));
+    }
+    Ok(records)
+}
+
+fn owned(r: RecordRef<'_>) -> Record {
+    Record {
+        payload: r.payload.to_vec(),
+        key: r.key.map(str::to_string),
+        topic: r.topic.map(str::to_string),
+        timestamp: r.timestamp,
+        headers: r
+            .headers
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Error;
+
+    struct Upper;
+
+    impl Stage for Upper {
+        type Config = crate::NoConfig;
+        fn init(_: crate::NoConfig) -> Result<Self, Error> {
+            Ok(Upper)
+        }
+        fn process(&mut self, mut record: Record) -> Result<Vec<Record>, Error> {
+            if record.payload.is_empty() {
+                return Err(Error::msg("empty"));
+            }
+            record.payload.make_ascii_uppercase();
+            Ok(vec![record])
+        }
+    }
+
+    #[test]
+    fn a_batch_round_trips_through_the_encoding() {
+        let slot = RefCell::new(None);
+        init::<Upper>(&slot, "{}".into()).expect("init");
+        let mut batch = Vec::new();
+        put_u32(&mut batch, 2);
+        encode(
+            &mut batch,
+            &Record::new("abc").with_key("k").with_header("h", "v"),
+        );
+        encode(&mut batch, &Record::new(""));
+        let out = process::<Upper>(&slot, &batch);
+        let mut r = Reader::new(&out);
+        assert_eq!(r.count(1), Ok(2));
+        assert_eq!(r.outcome(), Ok(runnel_wire::OutcomeHead::Emit(1)));
+        let rec = owned(r.record().expect("record"));
+        assert_eq!(rec, Record::new("ABC").with_key("k").with_header("h", "v"));
+        assert_eq!(r.outcome(), Ok(runnel_wire::OutcomeHead::Reject("empty")));
+        assert!(r.is_done());
+    }
 }

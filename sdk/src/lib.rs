@@ -66,7 +66,6 @@ macro_rules! export_stage {
         #[cfg(target_family = "wasm")]
         const _: () = {
             use $crate::__private::bindings as __bindings;
-            use __bindings::runnel::stage::types::{Outcome as __Outcome, Record as __WitRecord};
 
             struct __RunnelExport;
 
@@ -80,29 +79,15 @@ macro_rules! export_stage {
                     __RUNNEL_STAGE.with(|slot| $crate::__private::init::<$stage>(slot, config))
                 }
 
-                fn process(batch: ::std::vec::Vec<__WitRecord>) -> ::std::vec::Vec<__Outcome> {
-                    let batch = batch.into_iter().map($crate::Record::from).collect();
-                    __RUNNEL_STAGE.with(|slot| {
-                        $crate::__private::process::<$stage>(slot, batch)
-                            .into_iter()
-                            .map(|outcome| match outcome {
-                                ::core::result::Result::Ok(records) => __Outcome::Emit(
-                                    records.into_iter().map(__WitRecord::from).collect(),
-                                ),
-                                ::core::result::Result::Err(reason) => __Outcome::Reject(reason),
-                            })
-                            .collect()
-                    })
+                fn process(batch: ::std::vec::Vec<u8>) -> ::std::vec::Vec<u8> {
+                    __RUNNEL_STAGE.with(|slot| $crate::__private::process::<$stage>(slot, &batch))
                 }
 
                 fn flush(
                     now: i64,
                     end_of_input: bool,
-                ) -> ::core::result::Result<::std::vec::Vec<__WitRecord>, ::std::string::String> {
-                    __RUNNEL_STAGE.with(|slot| {
-                        $crate::__private::flush::<$stage>(slot, now, end_of_input)
-                            .map(|records| records.into_iter().map(__WitRecord::from).collect())
-                    })
+                ) -> ::core::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
+                    __RUNNEL_STAGE.with(|slot| $crate::__private::flush::<$stage>(slot, now, end_of_input))
                 }
             }
 

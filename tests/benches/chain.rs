@@ -151,9 +151,14 @@ fn main() {
     let native_in = native_records(&data);
     let engine = Engine::new(&EngineOptions::default()).expect("engine");
 
+    // RUNNEL_BENCH=pass (or =chain) runs one part, for profiling.
+    let only = std::env::var("RUNNEL_BENCH").unwrap_or_default();
     println!("runnel chain benchmark: {RECORDS} readings of ~100 bytes, median of {ROUNDS} rounds");
     println!("{:<44} {:>12} {:>10}", "", "ns/record", "vs native");
     for batch in [64, 1] {
+        if only == "pass" {
+            break;
+        }
         let native_ns = measure(&native_in, batch, native_chain, |chain, mut b| {
             for stage in chain.iter_mut() {
                 b = stage(b);
@@ -179,6 +184,9 @@ fn main() {
 
     let pass = [("passthrough", "{}")];
     for batch in [1, 64] {
+        if only == "chain" {
+            break;
+        }
         let ns = measure(
             &wasm_in,
             batch,
@@ -189,6 +197,50 @@ fn main() {
         println!(
             "{:<44} {ns:>12.0}   ({label})",
             format!("pass-through stage, runnel, batch {batch}")
+        );
+    }
+    // The same calls straight into one instance, without the chain's
+    // bookkeeping: what crossing into wasm and back costs by itself.
+    for batch in [1, 64] {
+        if only == "chain" {
+            break;
+        }
+        let limits = StageLimits {
+            timeout: Duration::from_secs(1),
+            memory_bytes: 64 << 20,
+        };
+        let path = runnel_tests::stage("passthrough");
+        let stage =
+            LoadedStage::load(&engine, "passthrough", &path, "{}".into(), limits).expect("load");
+        let mut instance = stage.instantiate().expect("instance");
+        if std::env::var_os("RUNNEL_BENCH_FLUSH").is_some() {
+            let started = Instant::now();
+            for _ in 0..RECORDS {
+                black_box(instance.flush(0, false).expect("flush").expect("ok"));
+            }
+            let ns = started.elapsed().as_nanos() as f64 / RECORDS as f64;
+            println!("bare flush call: {ns:.0} ns");
+        }
+        let mut input: Vec<runnel::Record> = wasm_in[..batch].to_vec();
+        if std::env::var_os("RUNNEL_BENCH_BARE").is_some() {
+            for r in &mut input {
+                r.key = None;
+                r.topic = None;
+            }
+        }
+        let calls = RECORDS / batch;
+        let mut best = f64::MAX;
+        for _ in 0..=ROUNDS {
+            let started = Instant::now();
+            for _ in 0..calls {
+                black_box(instance.process(black_box(&input)).expect("call"));
+            }
+            best = best.min(started.elapsed().as_nanos() as f64 / RECORDS as f64);
+        }
+        let label = if batch == 1 { "ns/call" } else { "ns/record" };
+        println!(
+            "{:<44} {best:>12.0}   ({label}, best round)",
+            format!("pass-through, direct instance call, batch {batch}")
         );
     }
 }

@@ -44,6 +44,10 @@ impl Engine {
         // than fuel's per-instruction count.
         config.epoch_interruption(true);
         config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        // `perf` can then name the stages' functions in a profile.
+        if std::env::var_os("RUNNEL_PERF_MAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = wasmtime::Engine::new(&config)?;
 
         let mut linker = Linker::new(&engine);

@@ -73,8 +73,6 @@ impl WasiView for HostState {
     }
 }
 
-impl super::bindings::runnel::stage::types::Host for HostState {}
-
 impl Host for HostState {
     fn log(&mut self, level: Level, message: String) {
         let stage = &*self.stage;

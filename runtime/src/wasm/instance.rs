@@ -5,12 +5,12 @@ use std::time::Duration;
 use wasmtime::component::Component;
 use wasmtime::{Store, Trap};
 
-use super::bindings::runnel::stage::types::Outcome;
 use super::bindings::{Stage as StageBindings, StagePre};
 use super::cache::CacheOutcome;
 use super::engine::EPOCH_TICK;
 use super::host::HostState;
-use super::{Engine, Record};
+use super::Engine;
+use crate::record::{decode_outcomes, decode_records, encode_batch, Outcome, Record};
 
 /// How long a call may run and how much memory an instance may hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,6 +152,7 @@ impl LoadedStage {
         Ok(StageInstance {
             store,
             bindings,
+            buf: Vec::new(),
             timeout: self.limits.timeout,
             ticks: deadline_ticks(self.limits.timeout),
         })
@@ -163,6 +164,8 @@ impl LoadedStage {
 pub struct StageInstance {
     store: Store<HostState>,
     bindings: StageBindings,
+    /// Reused for every batch's encoding.
+    buf: Vec<u8>,
     timeout: Duration,
     ticks: u64,
 }
@@ -170,11 +173,13 @@ pub struct StageInstance {
 impl StageInstance {
     /// One outcome per record, checked to be one per record.
     pub fn process(&mut self, batch: &[Record]) -> Result<Vec<Outcome>, CallError> {
+        encode_batch(batch, &mut self.buf);
         self.begin();
-        let outcomes = self
+        let encoded = self
             .bindings
-            .call_process(&mut self.store, batch)
+            .call_process(&mut self.store, &self.buf)
             .map_err(|err| classify(&mut self.store, err, self.timeout))?;
+        let outcomes = decode_outcomes(&encoded).map_err(|e| CallError::Contract(e.to_string()))?;
         if outcomes.len() != batch.len() {
             return Err(CallError::Contract(format!(
                 "returned {} outcomes for {} records",
@@ -193,9 +198,16 @@ impl StageInstance {
         end_of_input: bool,
     ) -> Result<Result<Vec<Record>, String>, CallError> {
         self.begin();
-        self.bindings
+        let result = self
+            .bindings
             .call_flush(&mut self.store, now_ms, end_of_input)
-            .map_err(|err| classify(&mut self.store, err, self.timeout))
+            .map_err(|err| classify(&mut self.store, err, self.timeout))?;
+        match result {
+            Ok(encoded) => decode_records(&encoded)
+                .map(Ok)
+                .map_err(|e| CallError::Contract(e.to_string())),
+            Err(reason) => Ok(Err(reason)),
+        }
     }
 
     /// Bytes of linear memory the instance holds now.
