@@ -4,7 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::wasm::{CallError, LoadedStage, Outcome, Record, StageInstance};
+use crate::record::{parse_outcomes, Encoded, RawOutcome};
+use crate::wasm::{CallError, LoadedStage, Record, StageInstance};
 
 /// A record that could not go on, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,11 +99,8 @@ impl Chain {
     /// in `dead_letters`, and `outcomes` has one entry per input.
     pub fn process(&mut self, batch: Vec<Record>) -> ChainOutput {
         let inputs = batch.len();
-        let mut current: Vec<(Option<usize>, Record)> = batch
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| (Some(i), r))
-            .collect();
+        let mut current = Encoded::from_records(&batch, (0..inputs).map(Some));
+        drop(batch);
         let mut dead_letters = Vec::new();
         for slot in &mut self.slots {
             if current.is_empty() {
@@ -110,23 +108,33 @@ impl Chain {
             }
             current = slot.process(current, &mut dead_letters);
         }
-        settle(inputs, current, dead_letters)
+        settle(inputs, current.into_records(), dead_letters)
     }
 
     /// Calls every stage's timer hook with the pipeline clock. What stage k
     /// emits goes through the stages after it, before their own flush, so the
     /// end of the input drains every window in order.
     pub fn flush(&mut self, now_ms: i64, end_of_input: bool) -> ChainOutput {
-        let mut current: Vec<(Option<usize>, Record)> = Vec::new();
+        let mut current = Encoded::from_records(&[], std::iter::empty());
         let mut dead_letters = Vec::new();
         for slot in &mut self.slots {
             if !current.is_empty() {
                 current = slot.process(current, &mut dead_letters);
             }
-            slot.flush(now_ms, end_of_input, &mut current, &mut dead_letters);
+            if let Some(emitted) = slot.flush(now_ms, end_of_input, &mut dead_letters) {
+                current = append(current, &emitted);
+            }
         }
-        settle(0, current, dead_letters)
+        settle(0, current.into_records(), dead_letters)
     }
+}
+
+fn append(mut to: Encoded, from: &Encoded) -> Encoded {
+    for i in 0..from.len() {
+        to.push_raw(&from.buf[from.ranges[i].clone()], from.origins[i]);
+    }
+    to.seal();
+    to
 }
 
 impl Slot {
@@ -144,66 +152,88 @@ impl Slot {
             .ok_or_else(|| CallError::Contract("no instance".into()))
     }
 
-    fn process(
-        &mut self,
-        batch: Vec<(Option<usize>, Record)>,
-        dead_letters: &mut Vec<DeadLetter>,
-    ) -> Vec<(Option<usize>, Record)> {
-        let (origins, records): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-        let mut next = Vec::with_capacity(records.len());
-        match self.call(&records) {
-            Ok(outcomes) => self.sort(origins, records, outcomes, &mut next, dead_letters),
-            Err(err) if records.len() == 1 => {
-                self.dead_letter_all(&err, origins, records, dead_letters);
-            }
+    fn process(&mut self, batch: Encoded, dead_letters: &mut Vec<DeadLetter>) -> Encoded {
+        let mut next = Encoded::with_capacity(batch.buf.len(), batch.len());
+        match self.call(&batch, &mut next, dead_letters) {
+            Ok(()) => {}
+            Err(err) if batch.len() == 1 => self.dead_letter_from(&err, &batch, 0, dead_letters),
             // One bad record must not take its batch with it: run the records
             // one by one on a fresh instance, so only the culprit is dead-lettered.
-            Err(err) => self.isolate(err, origins, records, &mut next, dead_letters),
+            Err(err) => self.isolate(err, &batch, &mut next, dead_letters),
         }
+        next.seal();
         next
     }
 
     fn isolate(
         &mut self,
         first: CallError,
-        origins: Vec<Option<usize>>,
-        records: Vec<Record>,
-        next: &mut Vec<(Option<usize>, Record)>,
+        batch: &Encoded,
+        next: &mut Encoded,
         dead_letters: &mut Vec<DeadLetter>,
     ) {
         let mut failures_in_a_row = 0;
         let mut last = first;
-        let mut pending = origins.into_iter().zip(records);
-        for (origin, record) in pending.by_ref() {
-            let single = [record];
-            match self.call(&single) {
-                Ok(outcomes) => {
-                    failures_in_a_row = 0;
-                    let [record] = single;
-                    self.sort(vec![origin], vec![record], outcomes, next, dead_letters);
-                }
+        for i in 0..batch.len() {
+            if failures_in_a_row >= MAX_FAILURES_IN_A_ROW {
+                // The stage fails on everything: the rest share the last
+                // reason rather than each waiting out a deadline.
+                self.dead_letter_from(&last, batch, i, dead_letters);
+                continue;
+            }
+            match self.call(&batch.single(i), next, dead_letters) {
+                Ok(()) => failures_in_a_row = 0,
                 Err(err) => {
                     failures_in_a_row += 1;
-                    let [record] = single;
-                    dead_letters.push(self.dead_letter(err.to_string(), record, origin));
+                    self.dead_letter_from(&err, batch, i, dead_letters);
                     last = err;
-                    if failures_in_a_row >= MAX_FAILURES_IN_A_ROW {
-                        break;
-                    }
                 }
             }
         }
-        // The stage fails on everything: the rest share the last reason
-        // rather than each waiting out a deadline.
-        let (origins, records): (Vec<_>, Vec<_>) = pending.unzip();
-        self.dead_letter_all(&last, origins, records, dead_letters);
     }
 
-    fn call(&mut self, records: &[Record]) -> Result<Vec<Outcome>, CallError> {
+    /// One call: outputs go to `next`, rejections to the dead letter. On an
+    /// error nothing was added to either.
+    fn call(
+        &mut self,
+        batch: &Encoded,
+        next: &mut Encoded,
+        dead_letters: &mut Vec<DeadLetter>,
+    ) -> Result<(), CallError> {
         self.stats.calls += 1;
-        self.stats.records_in += records.len() as u64;
+        self.stats.records_in += batch.len() as u64;
         let started = Instant::now();
-        let result = self.instance().and_then(|i| i.process(records));
+        let answer = self.instance().and_then(|i| i.process_encoded(&batch.buf));
+        let result = answer.and_then(|answer| {
+            let outcomes =
+                parse_outcomes(&answer).map_err(|e| CallError::Contract(e.to_string()))?;
+            if outcomes.len() != batch.len() {
+                return Err(CallError::Contract(format!(
+                    "returned {} outcomes for {} records",
+                    outcomes.len(),
+                    batch.len()
+                )));
+            }
+            for (i, outcome) in outcomes.into_iter().enumerate() {
+                match outcome {
+                    RawOutcome::Emit(outputs) => {
+                        self.stats.records_out += outputs.len() as u64;
+                        for out in outputs {
+                            next.push_raw(out, batch.origins[i]);
+                        }
+                    }
+                    RawOutcome::Reject(reason) => {
+                        self.stats.rejected += 1;
+                        dead_letters.push(self.dead_letter(
+                            reason.to_string(),
+                            batch.record(i),
+                            batch.origins[i],
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        });
         self.stats.busy += started.elapsed();
         if let Err(err) = &result {
             self.fail(err);
@@ -211,56 +241,27 @@ impl Slot {
         result
     }
 
-    fn sort(
-        &mut self,
-        origins: Vec<Option<usize>>,
-        records: Vec<Record>,
-        outcomes: Vec<Outcome>,
-        next: &mut Vec<(Option<usize>, Record)>,
-        dead_letters: &mut Vec<DeadLetter>,
-    ) {
-        for ((origin, record), outcome) in origins.into_iter().zip(records).zip(outcomes) {
-            match outcome {
-                Outcome::Emit(outputs) => {
-                    self.stats.records_out += outputs.len() as u64;
-                    next.extend(outputs.into_iter().map(|out| (origin, out)));
-                }
-                Outcome::Reject(reason) => {
-                    self.stats.rejected += 1;
-                    dead_letters.push(self.dead_letter(reason, record, origin));
-                }
-            }
-        }
-    }
-
-    fn dead_letter_all(
-        &self,
-        err: &CallError,
-        origins: Vec<Option<usize>>,
-        records: Vec<Record>,
-        dead_letters: &mut Vec<DeadLetter>,
-    ) {
-        let reason = err.to_string();
-        for (origin, record) in origins.into_iter().zip(records) {
-            dead_letters.push(self.dead_letter(reason.clone(), record, origin));
-        }
-    }
-
     fn flush(
         &mut self,
         now_ms: i64,
         end_of_input: bool,
-        out: &mut Vec<(Option<usize>, Record)>,
         dead_letters: &mut Vec<DeadLetter>,
-    ) {
+    ) -> Option<Encoded> {
         let started = Instant::now();
-        let result = self.instance().and_then(|i| i.flush(now_ms, end_of_input));
+        let result = self
+            .instance()
+            .and_then(|i| i.flush_encoded(now_ms, end_of_input))
+            .and_then(|r| match r {
+                Ok(buf) => Encoded::parse_records(buf)
+                    .map(Ok)
+                    .map_err(|e| CallError::Contract(e.to_string())),
+                Err(reason) => Ok(Err(reason)),
+            });
         self.stats.busy += started.elapsed();
         let reason = match result {
             Ok(Ok(records)) => {
                 self.stats.records_out += records.len() as u64;
-                out.extend(records.into_iter().map(|r| (None, r)));
-                return;
+                return Some(records);
             }
             Ok(Err(reason)) => reason,
             Err(err) => {
@@ -273,6 +274,7 @@ impl Slot {
         let mut note = Record::new(Vec::new());
         note.timestamp = Some(now_ms);
         dead_letters.push(self.dead_letter(format!("flush failed: {reason}"), note, None));
+        None
     }
 
     fn fail(&mut self, err: &CallError) {
@@ -282,6 +284,16 @@ impl Slot {
             "call failed, instance replaced: {err}"
         );
         self.instance = None;
+    }
+
+    fn dead_letter_from(
+        &self,
+        err: &CallError,
+        batch: &Encoded,
+        i: usize,
+        dead_letters: &mut Vec<DeadLetter>,
+    ) {
+        dead_letters.push(self.dead_letter(err.to_string(), batch.record(i), batch.origins[i]));
     }
 
     fn dead_letter(&self, reason: String, record: Record, input: Option<usize>) -> DeadLetter {

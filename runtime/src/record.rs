@@ -1,5 +1,7 @@
 //! The record as the host holds it, and its crossing into and out of a stage.
 
+use std::ops::Range;
+
 use runnel_wire::{put_record, put_u32, OutcomeHead, Reader, RecordRef, WireError, MIN_RECORD};
 
 /// One message: payload bytes plus key, topic, timestamp and headers.
@@ -25,7 +27,7 @@ impl Record {
         }
     }
 
-    fn from_wire(r: RecordRef<'_>) -> Self {
+    pub(crate) fn from_wire(r: RecordRef<'_>) -> Self {
         Record {
             payload: r.payload.to_vec(),
             key: r.key.map(str::to_string),
@@ -47,6 +49,145 @@ pub enum Outcome {
     Emit(Vec<Record>),
     /// To the dead letter, with this reason.
     Reject(String),
+}
+
+/// Records in their encoded form, as they pass from stage to stage: the host
+/// copies byte ranges rather than building and re-encoding each record.
+#[derive(Debug, Default)]
+pub(crate) struct Encoded {
+    /// A batch as a stage reads it: count, then the records.
+    pub buf: Vec<u8>,
+    /// Where each record sits in `buf`.
+    pub ranges: Vec<Range<usize>>,
+    /// The input each record came from; `None` for timer output.
+    pub origins: Vec<Option<usize>>,
+}
+
+impl Encoded {
+    pub fn with_capacity(bytes: usize, records: usize) -> Self {
+        let mut buf = Vec::with_capacity(bytes + 4);
+        put_u32(&mut buf, 0);
+        Encoded {
+            buf,
+            ranges: Vec::with_capacity(records),
+            origins: Vec::with_capacity(records),
+        }
+    }
+
+    /// Encodes records, each its own origin.
+    pub fn from_records(records: &[Record], origins: impl Iterator<Item = Option<usize>>) -> Self {
+        let bytes = records.iter().map(|r| r.payload.len() + 32).sum();
+        let mut encoded = Encoded::with_capacity(bytes, records.len());
+        for (r, origin) in records.iter().zip(origins) {
+            let start = encoded.buf.len();
+            put_record(
+                &mut encoded.buf,
+                &r.payload,
+                r.key.as_deref(),
+                r.topic.as_deref(),
+                r.timestamp,
+                r.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())),
+            );
+            encoded.ranges.push(start..encoded.buf.len());
+            encoded.origins.push(origin);
+        }
+        encoded.seal();
+        encoded
+    }
+
+    pub fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// Appends a record already encoded in `from`.
+    pub fn push_raw(&mut self, from: &[u8], origin: Option<usize>) {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(from);
+        self.ranges.push(start..self.buf.len());
+        self.origins.push(origin);
+    }
+
+    /// Writes the count in front; call after the last push.
+    pub fn seal(&mut self) {
+        let n = (self.ranges.len() as u32).to_le_bytes();
+        self.buf[..4].copy_from_slice(&n);
+    }
+
+    /// Record `i` as an owned record.
+    pub fn record(&self, i: usize) -> Record {
+        let bytes = &self.buf[self.ranges[i].clone()];
+        // Every range was checked when it was added.
+        Reader::new(bytes)
+            .record()
+            .map(Record::from_wire)
+            .unwrap_or_default()
+    }
+
+    /// Record `i` alone, as a batch of one.
+    pub fn single(&self, i: usize) -> Encoded {
+        let mut one = Encoded::with_capacity(self.ranges[i].len(), 1);
+        one.push_raw(&self.buf[self.ranges[i].clone()], self.origins[i]);
+        one.seal();
+        one
+    }
+
+    /// Every record, owned, with its origin.
+    pub fn into_records(self) -> Vec<(Option<usize>, Record)> {
+        (0..self.len())
+            .map(|i| (self.origins[i], self.record(i)))
+            .collect()
+    }
+
+    /// Reads records a flush returned (count, then records), checking each.
+    pub fn parse_records(buf: Vec<u8>) -> Result<Self, WireError> {
+        let mut reader = Reader::new(&buf);
+        let n = reader.count(MIN_RECORD)?;
+        let mut ranges = Vec::with_capacity(n);
+        for _ in 0..n {
+            let start = reader.pos();
+            reader.record()?;
+            ranges.push(start..reader.pos());
+        }
+        finish(&reader)?;
+        Ok(Encoded {
+            origins: vec![None; n],
+            ranges,
+            buf,
+        })
+    }
+}
+
+/// One input's outcome, with its outputs still encoded in the stage's answer.
+pub(crate) enum RawOutcome<'a> {
+    Emit(Vec<&'a [u8]>),
+    Reject(&'a str),
+}
+
+/// Reads a stage's answer: one outcome per input, each output checked.
+pub(crate) fn parse_outcomes(buf: &[u8]) -> Result<Vec<RawOutcome<'_>>, WireError> {
+    let mut reader = Reader::new(buf);
+    let n = reader.count(5)?;
+    let mut outcomes = Vec::with_capacity(n);
+    for _ in 0..n {
+        outcomes.push(match reader.outcome()? {
+            OutcomeHead::Emit(count) => {
+                let mut outputs = Vec::with_capacity(count.min(1024) as usize);
+                for _ in 0..count {
+                    let start = reader.pos();
+                    reader.record()?;
+                    outputs.push(&buf[start..reader.pos()]);
+                }
+                RawOutcome::Emit(outputs)
+            }
+            OutcomeHead::Reject(reason) => RawOutcome::Reject(reason),
+        });
+    }
+    finish(&reader)?;
+    Ok(outcomes)
 }
 
 /// A batch as the stage reads it.

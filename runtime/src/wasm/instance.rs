@@ -171,15 +171,21 @@ pub struct StageInstance {
 }
 
 impl StageInstance {
+    /// Runs an encoded batch and returns the stage's encoded answer, unread.
+    pub(crate) fn process_encoded(&mut self, batch: &[u8]) -> Result<Vec<u8>, CallError> {
+        self.begin();
+        self.bindings
+            .call_process(&mut self.store, batch)
+            .map_err(|err| classify(&mut self.store, err, self.timeout))
+    }
+
     /// One outcome per record, checked to be one per record.
     pub fn process(&mut self, batch: &[Record]) -> Result<Vec<Outcome>, CallError> {
-        encode_batch(batch, &mut self.buf);
-        self.begin();
-        let encoded = self
-            .bindings
-            .call_process(&mut self.store, &self.buf)
-            .map_err(|err| classify(&mut self.store, err, self.timeout))?;
-        let outcomes = decode_outcomes(&encoded).map_err(|e| CallError::Contract(e.to_string()))?;
+        let mut buf = std::mem::take(&mut self.buf);
+        encode_batch(batch, &mut buf);
+        let answer = self.process_encoded(&buf);
+        self.buf = buf;
+        let outcomes = decode_outcomes(&answer?).map_err(|e| CallError::Contract(e.to_string()))?;
         if outcomes.len() != batch.len() {
             return Err(CallError::Contract(format!(
                 "returned {} outcomes for {} records",
@@ -190,19 +196,26 @@ impl StageInstance {
         Ok(outcomes)
     }
 
-    /// Records the stage emits on its timer or at the end of the input; an
-    /// inner `Err` is the stage's own error.
+    /// The encoded records the stage emits on its timer or at the end of the
+    /// input; an inner `Err` is the stage's own error.
+    pub(crate) fn flush_encoded(
+        &mut self,
+        now_ms: i64,
+        end_of_input: bool,
+    ) -> Result<Result<Vec<u8>, String>, CallError> {
+        self.begin();
+        self.bindings
+            .call_flush(&mut self.store, now_ms, end_of_input)
+            .map_err(|err| classify(&mut self.store, err, self.timeout))
+    }
+
+    /// [`Self::flush_encoded`], decoded.
     pub fn flush(
         &mut self,
         now_ms: i64,
         end_of_input: bool,
     ) -> Result<Result<Vec<Record>, String>, CallError> {
-        self.begin();
-        let result = self
-            .bindings
-            .call_flush(&mut self.store, now_ms, end_of_input)
-            .map_err(|err| classify(&mut self.store, err, self.timeout))?;
-        match result {
+        match self.flush_encoded(now_ms, end_of_input)? {
             Ok(encoded) => decode_records(&encoded)
                 .map(Ok)
                 .map_err(|e| CallError::Contract(e.to_string())),

@@ -132,7 +132,7 @@ fn generate(form: Form, func: &ItemFn) -> syn::Result<TokenStream2> {
     let body = match form {
         Form::Map => {
             let out_record = output_is_record(&value_ty, form)?;
-            let (bind, call) = call_with_input(&input, &decode, call_fn, &config_arg);
+            let (bind, call) = call_with_input(&input, &decode, call_fn, &config_arg, !out_record);
             let emit = if out_record {
                 quote!(::std::vec![out])
             } else {
@@ -147,7 +147,7 @@ fn generate(form: Form, func: &ItemFn) -> syn::Result<TokenStream2> {
         Form::FlatMap => {
             let item = vec_item(&value_ty)?;
             let out_record = output_is_record(&item, form)?;
-            let (bind, call) = call_with_input(&input, &decode, call_fn, &config_arg);
+            let (bind, call) = call_with_input(&input, &decode, call_fn, &config_arg, !out_record);
             let each = if out_record {
                 quote!(::core::result::Result::Ok(out))
             } else {
@@ -214,7 +214,13 @@ fn call_with_input(
     decode: &TokenStream2,
     call_fn: &syn::Ident,
     config_arg: &Option<TokenStream2>,
+    needs_meta: bool,
 ) -> (TokenStream2, TokenStream2) {
+    // Whole records out carry their own metadata: copying the input's would
+    // cost allocations on every record for nothing.
+    if !needs_meta {
+        return (quote!(), quote!(#call_fn(#decode #config_arg)));
+    }
     if input.is_record {
         (
             quote!(let meta = record.meta();),

@@ -121,6 +121,11 @@ impl<'a> Reader<'a> {
         Reader { buf, pos: 0 }
     }
 
+    /// How far the reader is into the buffer.
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
     /// Whether everything was read.
     pub fn is_done(&self) -> bool {
         self.pos == self.buf.len()
