@@ -80,7 +80,7 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-fn load(path: &PathBuf) -> Result<Pipeline, ExitCode> {
+fn load(path: &std::path::Path) -> Result<Pipeline, ExitCode> {
     Pipeline::load(path).map_err(|err| invalid(&err))
 }
 

@@ -84,7 +84,9 @@ mod tests {
 
     #[test]
     fn std_errors_convert_with_their_causes() {
-        let err: Error = serde_json::from_str::<u32>("\"x\"").unwrap_err().into();
+        let err: Error = serde_json::from_str::<u32>("\"x\"")
+            .expect_err("a string is no u32")
+            .into();
         assert!(err.message().contains("invalid type"), "{err}");
     }
 

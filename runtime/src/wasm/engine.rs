@@ -54,10 +54,10 @@ impl Engine {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
         StageBindings::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
 
-        let cache = match &options.cache_dir {
-            Some(dir) => Some(Arc::new(CompileCache::new(dir.clone(), &engine))),
-            None => None,
-        };
+        let cache = options
+            .cache_dir
+            .as_ref()
+            .map(|dir| Arc::new(CompileCache::new(dir.clone(), &engine)));
         let ticker = EpochTicker::start(engine.clone());
         Ok(Engine {
             engine,
