@@ -2,7 +2,19 @@
 //! components, fed by a source and feeding sinks, with every input ending as
 //! outputs or in the dead letter with its reason.
 //!
-//! The binary is a thin shell over [`run::run`] and [`run::start_chain`].
+//! The binary is a thin shell over [`run::run`] and [`run::start_chain`]:
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let pipeline = runnel::Pipeline::load(std::path::Path::new("demo/pipeline.toml"))?;
+//! let summary = runnel::run(&pipeline, &runnel::RunOptions::default(), async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! })
+//! .await?;
+//! assert_eq!(summary.inputs, summary.emitted + summary.filtered + summary.dead_lettered);
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod chain;
 pub mod codec;

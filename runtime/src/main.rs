@@ -60,13 +60,20 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILED);
         }
     };
-    match cli.command {
+    let code = match cli.command {
         Command::Run { pipeline, no_cache } => {
             runtime.block_on(run(pipeline, RunOptions { no_cache }))
         }
         Command::Check { pipeline } => check(pipeline),
-    }
+    };
+    // A read of stdin blocks a thread the runtime cannot interrupt; waiting
+    // for it on a requested stop would hang until the input closed.
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    code
 }
+
+/// How long a stopping process waits for its last I/O threads.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));

@@ -1,4 +1,4 @@
-//! Write [runnel](https://example.invalid/runnel) stages in Rust.
+//! Write runnel stages in Rust.
 //!
 //! A stage takes records (payload bytes plus key, topic, timestamp and
 //! headers) and gives back zero or more records each, or an error that sends

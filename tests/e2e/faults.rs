@@ -159,6 +159,21 @@ fn stages_cannot_touch_the_file_system_and_their_output_is_logged() {
 }
 
 #[test]
+fn stages_cannot_open_sockets_or_see_the_environment() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let run = run_faults(dir.path(), &["connect", "read-env"], "");
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let dead = dead_reasons(dir.path());
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].1.starts_with("cannot connect:"), "{}", dead[0].1);
+    assert_eq!(
+        outputs(dir.path()),
+        ["env: []"],
+        "no host variable reaches a stage"
+    );
+}
+
+#[test]
 fn malformed_input_lines_go_to_the_dead_letter_with_their_line_number() {
     let dir = tempfile::tempdir().expect("temp dir");
     let pipeline = format!(

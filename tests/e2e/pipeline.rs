@@ -168,13 +168,17 @@ fn second_start_loads_stages_from_the_compile_cache() {
     demo_pipeline(dir.path());
     let cache = dir.path().join("cache");
     let check = || {
-        let out = std::process::Command::new(BIN)
+        let child = std::process::Command::new(BIN)
             .args(["check", "pipeline.toml"])
             .current_dir(dir.path())
             .env("RUNNEL_CACHE_DIR", &cache)
             .env("RUST_LOG", "info")
-            .output()
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .expect("run check");
+        let _guard = runnel_tests::Watchdog::new(child.id());
+        let out = child.wait_with_output().expect("wait for check");
         assert!(
             out.status.success(),
             "{}",
@@ -188,4 +192,150 @@ fn second_start_loads_stages_from_the_compile_cache() {
     assert_eq!(second.matches("from_cache=true").count(), 5, "{second}");
     let entries = std::fs::read_dir(&cache).expect("cache dir").count();
     assert_eq!(entries, 5, "one compiled file per distinct stage");
+}
+
+/// A pipeline reading record lines from stdin through parse and a 1 s window.
+fn live_window_pipeline(dir: &Path) {
+    let pipeline = format!(
+        r#"
+[pipeline]
+timer_ms = 100
+[source]
+type = "stdin"
+format = "record"
+[[stage]]
+name = "parse"
+wasm = {:?}
+[[stage]]
+name = "window"
+wasm = {:?}
+[stage.config]
+size_ms = 1000
+[sink]
+type = "stdout"
+"#,
+        stage("parse").display().to_string(),
+        stage("window").display().to_string()
+    );
+    std::fs::write(dir.join("p.toml"), pipeline).expect("write pipeline");
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn spawn_live(dir: &Path) -> std::process::Child {
+    std::process::Command::new(BIN)
+        .args(["run", "p.toml"])
+        .current_dir(dir)
+        .env("RUNNEL_CACHE_DIR", runnel_tests::shared_cache_dir())
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start runnel")
+}
+
+/// Lines of the child's stdout as they come.
+fn stdout_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn a_live_window_closes_on_the_wall_clock_while_input_stays_open() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("temp dir");
+    live_window_pipeline(dir.path());
+    let mut child = spawn_live(dir.path());
+    let _guard = runnel_tests::Watchdog::new(child.id());
+    let lines = stdout_lines(&mut child);
+    let mut stdin = child.stdin.take().expect("stdin piped");
+    let ts = now_ms();
+    for t in [20.0, 22.0, 24.0] {
+        writeln!(
+            stdin,
+            r#"{{"key":"d1","payload":{{"device":"d1","ts":{ts},"temperature":{t}}}}}"#
+        )
+        .expect("write");
+    }
+    stdin.flush().expect("flush");
+    // The window ends within a second; the timer must emit it without the
+    // input ending (stdin is still open here).
+    let first = lines
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("an aggregate before the input ends");
+    let aggregate: Value = serde_json::from_str(&first).expect("json line");
+    assert_eq!(aggregate["headers"]["kind"], "aggregate");
+    assert_eq!(aggregate["payload"]["count"], 3);
+    assert_eq!(aggregate["payload"]["mean"], 22.0);
+    drop(stdin);
+    let status = child.wait().expect("wait");
+    assert!(status.success());
+}
+
+#[test]
+fn sigterm_drains_what_was_read_and_exits_cleanly() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pipeline = format!(
+        "[source]\ntype = \"stdin\"\n[[stage]]\nname = \"pass\"\nwasm = {:?}\n[sink]\ntype = \"stdout\"\nformat = \"payload\"\n",
+        stage("passthrough").display().to_string()
+    );
+    std::fs::write(dir.path().join("p.toml"), pipeline).expect("write pipeline");
+    let mut child = spawn_live(dir.path());
+    let _guard = runnel_tests::Watchdog::new(child.id());
+    let lines = stdout_lines(&mut child);
+    let mut stdin = child.stdin.take().expect("stdin piped");
+    for i in 0..10 {
+        writeln!(stdin, "reading {i}").expect("write");
+    }
+    stdin.flush().expect("flush");
+    let mut seen = Vec::new();
+    while seen.len() < 10 {
+        seen.push(
+            lines
+                .recv_timeout(std::time::Duration::from_secs(20))
+                .expect("output"),
+        );
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0), "a requested stop is a clean exit");
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("stderr");
+    let summary = stderr
+        .lines()
+        .find(|l| l.contains(" in: "))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        summary.starts_with("runnel: 10 in: 10 produced output"),
+        "{stderr}"
+    );
+    assert_eq!(seen[9], "reading 9");
 }

@@ -87,10 +87,46 @@ pub fn run_binary_with(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+    let _guard = Watchdog::new(child.id());
     if let Some(mut input) = child.stdin.take() {
         input.write_all(stdin).expect("write stdin");
     }
     Run::from_output(child.wait_with_output().expect("wait for runnel"))
+}
+
+/// How long any one run of the binary may take in a test before it is
+/// killed: a hang fails its test instead of stalling the whole suite.
+pub const RUN_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Kills process `pid` if it still runs [`RUN_LIMIT`] after this was made,
+/// unless dropped first.
+pub struct Watchdog {
+    done: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl Watchdog {
+    pub fn new(pid: u32) -> Self {
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                finished.recv_timeout(RUN_LIMIT)
+            {
+                eprintln!("runnel (pid {pid}) ran past {RUN_LIMIT:?}; killing it");
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        });
+        Watchdog { done: Some(done) }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(());
+        }
+    }
 }
 
 /// Reads a JSON-lines file.

@@ -2,7 +2,9 @@
 //! rest through, so a test sees the host survive it and go on.
 //!
 //! Payloads: `panic`, `loop` (never returns), `hog` (allocates without
-//! bound), `reject`, `write-file`, `print` (writes to stdout and stderr).
+//! bound), `reject`, `write-file`, `read-env` (reports what environment it
+//! sees), `connect` (opens a TCP connection), `print` (writes to stdout and
+//! stderr).
 //! Config: `fail_init = "reason"` makes `init` fail.
 
 use runnel_sdk::{Error, Record, Stage};
@@ -46,6 +48,15 @@ impl Stage for Faults {
                 std::fs::write("/tmp/runnel-escape", b"x")
                     .map_err(|e| Error::msg(format!("cannot write a file: {e}")))?;
                 Ok(vec![record])
+            }
+            b"connect" => {
+                std::net::TcpStream::connect("127.0.0.1:9")
+                    .map_err(|e| Error::msg(format!("cannot connect: {e}")))?;
+                Ok(vec![Record::new("connected")])
+            }
+            b"read-env" => {
+                let seen: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
+                Ok(vec![Record::new(format!("env: [{}]", seen.join(",")))])
             }
             b"print" => {
                 println!("hello from stdout");

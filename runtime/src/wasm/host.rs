@@ -104,10 +104,6 @@ impl MemoryCap {
     fn new(cap: usize) -> Self {
         MemoryCap { cap, denied: None }
     }
-
-    pub(crate) fn cap(&self) -> usize {
-        self.cap
-    }
 }
 
 impl ResourceLimiter for MemoryCap {

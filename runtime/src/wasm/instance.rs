@@ -223,11 +223,6 @@ impl StageInstance {
         }
     }
 
-    /// Bytes of linear memory the instance holds now.
-    pub fn memory_cap(&self) -> usize {
-        self.store.data().limits.cap()
-    }
-
     fn begin(&mut self) {
         self.store.set_epoch_deadline(self.ticks);
         self.store.data_mut().begin_call();
