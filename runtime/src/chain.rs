@@ -47,7 +47,9 @@ impl ChainOutput {
     }
 }
 
-/// Cumulative figures for one stage, for logs and metrics.
+/// Cumulative figures for one stage, for logs and metrics. `calls` and
+/// `records_in` count every call made, the one-by-one retries after a failed
+/// batch included.
 #[derive(Debug, Clone, Default)]
 pub struct StageStats {
     pub calls: u64,
@@ -141,8 +143,11 @@ impl Slot {
     fn instance(&mut self) -> Result<&mut StageInstance, CallError> {
         if self.instance.is_none() {
             self.stats.restarts += 1;
-            let fresh = self.stage.instantiate().map_err(|err| {
-                CallError::InitRejected(format!("stage could not be restarted: {err}"))
+            let fresh = self.stage.instantiate().map_err(|err| match err {
+                CallError::InitRejected(reason) => {
+                    CallError::InitRejected(format!("{reason} (while restarting the stage)"))
+                }
+                other => other,
             })?;
             self.instance = Some(fresh);
         }
@@ -237,8 +242,20 @@ impl Slot {
         self.stats.busy += started.elapsed();
         if let Err(err) = &result {
             self.fail(err);
+            dead_letters.push(self.state_lost(err));
         }
         result
+    }
+
+    /// The entry that says a replaced instance took its state with it: the
+    /// open windows or running figures of a stateful stage are gone, and the
+    /// inputs already folded into them cannot be told apart any more.
+    fn state_lost(&self, err: &CallError) -> DeadLetter {
+        self.dead_letter(
+            format!("instance replaced after: {err}; any state it held (open windows, running statistics) is lost"),
+            Record::new(Vec::new()),
+            None,
+        )
     }
 
     fn flush(
@@ -269,8 +286,8 @@ impl Slot {
                 err.to_string()
             }
         };
-        // A failed flush loses the stage's pending state; the dead letter says
-        // so, with the clock, so it is never silent.
+        // A failed flush loses what the stage held for it; the dead letter
+        // says so, with the clock, so it is never silent.
         let mut note = Record::new(Vec::new());
         note.timestamp = Some(now_ms);
         dead_letters.push(self.dead_letter(format!("flush failed: {reason}"), note, None));

@@ -105,7 +105,11 @@ pub fn encode_line(record: &Record, format: LineFormat, out: &mut Vec<u8>) {
 
 fn encode_record(record: &Record, out: &mut Vec<u8>) {
     let text = std::str::from_utf8(&record.payload).ok();
-    let json: Option<&RawValue> = text.and_then(|t| serde_json::from_str(t.trim()).ok());
+    // Only a payload that is exactly one JSON text goes in `payload`; one with
+    // whitespace around it goes in `text`, so it reads back byte for byte.
+    let json: Option<&RawValue> = text
+        .and_then(|t| serde_json::from_str::<&RawValue>(t).ok())
+        .filter(|raw| text.is_some_and(|t| raw.get().len() == t.len()));
     let line = LineOut {
         topic: record.topic.as_deref(),
         key: record.key.as_deref(),
@@ -154,6 +158,8 @@ mod tests {
         assert_eq!(round_trip(&json), json);
         let text = Record::new(b"dev-1,5,20.5".to_vec());
         assert_eq!(round_trip(&text), text);
+        let padded = Record::new(b" {\"t\":1}\n".to_vec());
+        assert_eq!(round_trip(&padded), padded);
         let binary = Record::new(vec![0xff, 0x00, 0x10]);
         assert_eq!(round_trip(&binary), binary);
     }

@@ -288,12 +288,15 @@ impl Pipeline {
     /// The span of the first `key =` in the file, for settings whose value
     /// has no span of its own; the start of the file when absent.
     fn span_of(&self, key: &str) -> std::ops::Range<usize> {
-        self.source_text
-            .match_indices(key)
+        let text = &self.source_text;
+        text.match_indices(key)
             .find(|(i, _)| {
-                self.source_text[i + key.len()..]
-                    .trim_start_matches([' ', '\t'])
-                    .starts_with('=')
+                // At the start of its line (not in a comment or a value), then `=`.
+                let line_start = text[..*i].rfind('\n').map_or(0, |n| n + 1);
+                text[line_start..*i].trim().is_empty()
+                    && text[i + key.len()..]
+                        .trim_start_matches([' ', '\t'])
+                        .starts_with('=')
             })
             .map_or(0..0, |(i, _)| i..i + key.len())
     }

@@ -222,40 +222,54 @@ impl Runner {
             tokio::select! {
                 biased;
                 () = &mut shutdown => {
-                    tracing::info!("shutting down: the batch in hand was delivered");
-                    return Ok(());
+                    // Lines already read are processed, not dropped; then the
+                    // final flush below emits what windows hold.
+                    if let Some(batch) = self.source.take_pending() {
+                        self.handle(batch, clock).await?;
+                    }
+                    tracing::info!("stopping: what was read is processed and delivered");
+                    break;
                 }
                 _ = ticker.tick(), if clock == Clock::Wall => {
                     self.flush(now_ms(), false).await?;
                 }
                 batch = self.source.next_batch(batch_size) => {
                     let Some(batch) = batch? else { break };
-                    let before = self.watermark;
-                    self.summary.inputs += batch.inputs() as u64;
-                    if clock == Clock::Event {
-                        let newest = batch.records.iter().filter_map(|r| r.timestamp).max();
-                        self.watermark = self.watermark.max(newest);
-                    }
-                    let id = batch.id;
-                    let mut output = self.on_chain(move |chain| chain.process(batch.records)).await?;
-                    self.summary.dead_lettered += batch.unreadable.len() as u64;
-                    output.dead_letters.extend(batch.unreadable);
-                    self.deliver(output, false).await?;
-                    self.source.ack(id).await?;
-                    if let (Clock::Event, Some(now)) = (clock, self.watermark) {
-                        if Some(now) > before {
-                            self.flush(now, false).await?;
-                        }
-                    }
+                    self.handle(batch, clock).await?;
                 }
             }
         }
-        // The input ended: every window emits, so the last one is not lost.
+        // The input ended or a stop was asked for: every stage flushes a last
+        // time, so the last window is not lost.
         let now = match clock {
             Clock::Wall => now_ms(),
             Clock::Event => self.watermark.unwrap_or_else(now_ms),
         };
         self.flush(now, true).await
+    }
+
+    /// One batch: through the chain, outputs and dead letters delivered, then acknowledged.
+    async fn handle(&mut self, batch: crate::source::Batch, clock: Clock) -> anyhow::Result<()> {
+        let before = self.watermark;
+        self.summary.inputs += batch.inputs() as u64;
+        if clock == Clock::Event {
+            let newest = batch.records.iter().filter_map(|r| r.timestamp).max();
+            self.watermark = self.watermark.max(newest);
+        }
+        let id = batch.id;
+        let mut output = self
+            .on_chain(move |chain| chain.process(batch.records))
+            .await?;
+        self.summary.dead_lettered += batch.unreadable.len() as u64;
+        output.dead_letters.extend(batch.unreadable);
+        self.deliver(output, false).await?;
+        self.source.ack(id).await?;
+        if let (Clock::Event, Some(now)) = (clock, self.watermark) {
+            if Some(now) > before {
+                self.flush(now, false).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn flush(&mut self, now: i64, end_of_input: bool) -> anyhow::Result<()> {

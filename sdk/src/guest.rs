@@ -59,15 +59,20 @@ pub fn process<S: Stage>(slot: &RefCell<Option<S>>, batch: &[u8]) -> Vec<u8> {
         // Only a host bug gets here; an empty answer makes the host say so.
         Err(_) => return out,
     };
-    put_u32(&mut out, records.len() as u32);
     let mut slot = slot.borrow_mut();
     let Some(stage) = slot.as_mut() else {
+        put_u32(&mut out, records.len() as u32);
         for _ in &records {
             put_reject(&mut out, NOT_STARTED);
         }
         return out;
     };
-    for outcome in stage.process_batch(records) {
+    // The count written is what the stage returned, so a `process_batch`
+    // that miscounts gets the host's "N outcomes for M records", not a
+    // garbled buffer.
+    let outcomes = stage.process_batch(records);
+    put_u32(&mut out, outcomes.len() as u32);
+    for outcome in outcomes {
         match outcome {
             Ok(outputs) => {
                 put_emit(&mut out, outputs.len());

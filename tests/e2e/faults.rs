@@ -45,9 +45,12 @@ fn outputs(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// The dead letters of records, without the entries that say an instance
+/// was replaced (see `replacing_an_instance_says_its_state_is_lost`).
 fn dead_reasons(dir: &Path) -> Vec<(String, String)> {
     read_json_lines(&dir.join("dead.jsonl"))
         .iter()
+        .filter(|d| !is_state_lost(d))
         .map(|d| {
             (
                 d["record"]["text"].as_str().unwrap_or("").to_string(),
@@ -55,6 +58,12 @@ fn dead_reasons(dir: &Path) -> Vec<(String, String)> {
             )
         })
         .collect()
+}
+
+fn is_state_lost(entry: &serde_json::Value) -> bool {
+    entry["reason"]
+        .as_str()
+        .is_some_and(|r| r.starts_with("instance replaced after: "))
 }
 
 fn assert_counts_add_up(run: &Run, inputs: u64) {
@@ -81,6 +90,23 @@ fn a_panicking_stage_loses_only_the_record_it_panicked_on() {
         dead[0].1
     );
     assert_counts_add_up(&run, 6);
+}
+
+#[test]
+fn replacing_an_instance_says_its_state_is_lost() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let run = run_faults(dir.path(), &["panic", "a"], "");
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let entries = read_json_lines(&dir.path().join("dead.jsonl"));
+    let lost: Vec<_> = entries.iter().filter(|d| is_state_lost(d)).collect();
+    // One for the failed batch of two, one for the record retried alone.
+    assert_eq!(lost.len(), 2, "{entries:?}");
+    assert!(lost[0]["reason"]
+        .as_str()
+        .unwrap_or("")
+        .ends_with("any state it held (open windows, running statistics) is lost"));
+    let n = summary_numbers(run.summary());
+    assert_eq!(n[6], entries.len() as u64, "every entry is counted");
 }
 
 #[test]

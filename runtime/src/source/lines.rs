@@ -26,6 +26,8 @@ pub struct LinesSource {
     /// Read but not yet handed out; kept here so a cancelled call loses nothing.
     pending: Batch,
     buf: Vec<u8>,
+    /// The line in `buf` was cut at `MAX_LINE`.
+    truncated: bool,
     done: bool,
 }
 
@@ -69,6 +71,7 @@ impl LinesSource {
             next_id: 0,
             pending: Batch::default(),
             buf: Vec::new(),
+            truncated: false,
             done: false,
         }
     }
@@ -93,6 +96,7 @@ impl LinesSource {
             };
             let room = MAX_LINE.saturating_sub(self.buf.len());
             let take = used.min(room);
+            self.truncated |= take < used;
             self.buf.extend_from_slice(&available[..take]);
             self.reader.consume(used);
             if found {
@@ -113,7 +117,8 @@ impl LinesSource {
         if raw.iter().all(u8::is_ascii_whitespace) {
             return;
         }
-        let decoded = if raw.len() >= MAX_LINE {
+        let truncated = std::mem::take(&mut self.truncated);
+        let decoded = if truncated {
             Err(format!("line longer than {} MiB", MAX_LINE >> 20))
         } else {
             match std::str::from_utf8(&raw) {
@@ -157,13 +162,17 @@ impl Source for LinesSource {
                 self.done = true;
             }
         }
+        Ok(self.take_pending())
+    }
+
+    fn take_pending(&mut self) -> Option<Batch> {
         if self.pending.inputs() == 0 {
-            return Ok(None);
+            return None;
         }
         let mut batch = std::mem::take(&mut self.pending);
         batch.id = self.next_id;
         self.next_id += 1;
-        Ok(Some(batch))
+        Some(batch)
     }
 
     async fn ack(&mut self, _id: u64) -> Result<(), SourceError> {

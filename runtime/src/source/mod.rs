@@ -90,6 +90,12 @@ pub trait Source: Send {
 
     fn clock(&self) -> Clock;
 
+    /// Inputs already read but not yet handed out, taken on a stop so the
+    /// runner processes them before it exits.
+    fn take_pending(&mut self) -> Option<Batch> {
+        None
+    }
+
     /// For logs: what this source reads.
     fn describe(&self) -> String;
 }
