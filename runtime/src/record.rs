@@ -2,45 +2,11 @@
 
 use std::ops::Range;
 
-use runnel_wire::{put_record, put_u32, OutcomeHead, Reader, RecordRef, WireError, MIN_RECORD};
+use runnel_wire::{put_u32, OutcomeHead, Reader, WireError, MIN_RECORD};
 
-/// One message: payload bytes plus key, topic, timestamp and headers.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Record {
-    pub payload: Vec<u8>,
-    /// A partition key such as a device id. Order is kept per key.
-    pub key: Option<String>,
-    /// MQTT topic in; on output, the topic a sink publishes to.
-    pub topic: Option<String>,
-    /// Event time in milliseconds since the Unix epoch, where known.
-    pub timestamp: Option<i64>,
-    /// String pairs: MQTT 5 user properties, SQS message attributes.
-    pub headers: Vec<(String, String)>,
-}
-
-impl Record {
-    /// A record with this payload and nothing else set.
-    pub fn new(payload: impl Into<Vec<u8>>) -> Self {
-        Record {
-            payload: payload.into(),
-            ..Record::default()
-        }
-    }
-
-    pub(crate) fn from_wire(r: RecordRef<'_>) -> Self {
-        Record {
-            payload: r.payload.to_vec(),
-            key: r.key.map(str::to_string),
-            topic: r.topic.map(str::to_string),
-            timestamp: r.timestamp,
-            headers: r
-                .headers
-                .into_iter()
-                .map(|(n, v)| (n.to_string(), v.to_string()))
-                .collect(),
-        }
-    }
-}
+/// One message: payload bytes plus key, topic, timestamp and headers. The
+/// host holds the very type stages are written against.
+pub use runnel_sdk::Record;
 
 /// What a stage made of one input record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,14 +46,7 @@ impl Encoded {
         let mut encoded = Encoded::with_capacity(bytes, records.len());
         for (r, origin) in records.iter().zip(origins) {
             let start = encoded.buf.len();
-            put_record(
-                &mut encoded.buf,
-                &r.payload,
-                r.key.as_deref(),
-                r.topic.as_deref(),
-                r.timestamp,
-                r.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())),
-            );
+            r.encode(&mut encoded.buf);
             encoded.ranges.push(start..encoded.buf.len());
             encoded.origins.push(origin);
         }
@@ -195,14 +154,7 @@ pub(crate) fn encode_batch(records: &[Record], out: &mut Vec<u8>) {
     out.clear();
     put_u32(out, records.len() as u32);
     for r in records {
-        put_record(
-            out,
-            &r.payload,
-            r.key.as_deref(),
-            r.topic.as_deref(),
-            r.timestamp,
-            r.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())),
-        );
+        r.encode(out);
     }
 }
 

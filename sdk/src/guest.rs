@@ -3,7 +3,7 @@
 
 use std::cell::RefCell;
 
-use runnel_wire::{put_emit, put_record, put_reject, put_u32, Reader, RecordRef, MIN_RECORD};
+use runnel_wire::{put_emit, put_reject, put_u32, Reader, MIN_RECORD};
 
 use crate::{parse_config, Record, Stage};
 
@@ -77,7 +77,7 @@ pub fn process<S: Stage>(slot: &RefCell<Option<S>>, batch: &[u8]) -> Vec<u8> {
             Ok(outputs) => {
                 put_emit(&mut out, outputs.len());
                 for record in &outputs {
-                    encode(&mut out, record);
+                    record.encode(&mut out);
                 }
             }
             Err(err) => put_reject(&mut out, err.message()),
@@ -99,20 +99,9 @@ pub fn flush<S: Stage>(
     let mut out = Vec::new();
     put_u32(&mut out, records.len() as u32);
     for record in &records {
-        encode(&mut out, record);
+        record.encode(&mut out);
     }
     Ok(out)
-}
-
-fn encode(out: &mut Vec<u8>, record: &Record) {
-    put_record(
-        out,
-        &record.payload,
-        record.key.as_deref(),
-        record.topic.as_deref(),
-        record.timestamp,
-        record.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())),
-    );
 }
 
 fn decode_records(buf: &[u8]) -> Result<Vec<Record>, runnel_wire::WireError> {
@@ -120,23 +109,9 @@ fn decode_records(buf: &[u8]) -> Result<Vec<Record>, runnel_wire::WireError> {
     let n = reader.count(MIN_RECORD)?;
     let mut records = Vec::with_capacity(n);
     for _ in 0..n {
-        records.push(owned(reader.record()?));
+        records.push(Record::from_wire(reader.record()?));
     }
     Ok(records)
-}
-
-fn owned(r: RecordRef<'_>) -> Record {
-    Record {
-        payload: r.payload.to_vec(),
-        key: r.key.map(str::to_string),
-        topic: r.topic.map(str::to_string),
-        timestamp: r.timestamp,
-        headers: r
-            .headers
-            .into_iter()
-            .map(|(n, v)| (n.to_string(), v.to_string()))
-            .collect(),
-    }
 }
 
 #[cfg(test)]
@@ -166,16 +141,16 @@ mod tests {
         init::<Upper>(&slot, "{}".into()).expect("init");
         let mut batch = Vec::new();
         put_u32(&mut batch, 2);
-        encode(
-            &mut batch,
-            &Record::new("abc").with_key("k").with_header("h", "v"),
-        );
-        encode(&mut batch, &Record::new(""));
+        Record::new("abc")
+            .with_key("k")
+            .with_header("h", "v")
+            .encode(&mut batch);
+        Record::new("").encode(&mut batch);
         let out = process::<Upper>(&slot, &batch);
         let mut r = Reader::new(&out);
         assert_eq!(r.count(1), Ok(2));
         assert_eq!(r.outcome(), Ok(runnel_wire::OutcomeHead::Emit(1)));
-        let rec = owned(r.record().expect("record"));
+        let rec = Record::from_wire(r.record().expect("record"));
         assert_eq!(rec, Record::new("ABC").with_key("k").with_header("h", "v"));
         assert_eq!(r.outcome(), Ok(runnel_wire::OutcomeHead::Reject("empty")));
         assert!(r.is_done());

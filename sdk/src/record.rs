@@ -111,6 +111,37 @@ impl Record {
     }
 }
 
+// The packed encoding batches cross in (see `runnel-wire`); shared with the
+// host, which holds records of this same type.
+impl Record {
+    #[doc(hidden)]
+    pub fn from_wire(r: runnel_wire::RecordRef<'_>) -> Self {
+        Record {
+            payload: r.payload.to_vec(),
+            key: r.key.map(str::to_string),
+            topic: r.topic.map(str::to_string),
+            timestamp: r.timestamp,
+            headers: r
+                .headers
+                .into_iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[doc(hidden)]
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        runnel_wire::put_record(
+            out,
+            &self.payload,
+            self.key.as_deref(),
+            self.topic.as_deref(),
+            self.timestamp,
+            self.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())),
+        );
+    }
+}
+
 fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, Error> {
     serde_json::to_vec(value).map_err(|err| Error::msg(format!("cannot write JSON: {err}")))
 }
