@@ -78,12 +78,8 @@ impl Encoded {
 
     /// Record `i` as an owned record.
     pub fn record(&self, i: usize) -> Record {
-        let bytes = &self.buf[self.ranges[i].clone()];
         // Every range was checked when it was added.
-        Reader::new(bytes)
-            .record()
-            .map(Record::from_wire)
-            .unwrap_or_default()
+        read_checked(&self.buf[self.ranges[i].clone()])
     }
 
     /// Record `i` alone, as a batch of one.
@@ -158,35 +154,32 @@ pub(crate) fn encode_batch(records: &[Record], out: &mut Vec<u8>) {
     }
 }
 
+/// A stage's answer as owned records, for callers outside the chain.
 pub(crate) fn decode_outcomes(buf: &[u8]) -> Result<Vec<Outcome>, WireError> {
-    let mut reader = Reader::new(buf);
-    let n = reader.count(5)?;
-    let mut outcomes = Vec::with_capacity(n);
-    for _ in 0..n {
-        outcomes.push(match reader.outcome()? {
-            OutcomeHead::Emit(count) => {
-                let mut records = Vec::with_capacity(count.min(1024) as usize);
-                for _ in 0..count {
-                    records.push(Record::from_wire(reader.record()?));
-                }
-                Outcome::Emit(records)
+    let outcomes = parse_outcomes(buf)?
+        .into_iter()
+        .map(|outcome| match outcome {
+            RawOutcome::Emit(outputs) => {
+                Outcome::Emit(outputs.into_iter().map(read_checked).collect())
             }
-            OutcomeHead::Reject(reason) => Outcome::Reject(reason.to_string()),
-        });
-    }
-    finish(&reader)?;
+            RawOutcome::Reject(reason) => Outcome::Reject(reason.to_string()),
+        })
+        .collect();
     Ok(outcomes)
 }
 
+/// A flush's records, owned.
 pub(crate) fn decode_records(buf: &[u8]) -> Result<Vec<Record>, WireError> {
-    let mut reader = Reader::new(buf);
-    let n = reader.count(MIN_RECORD)?;
-    let mut records = Vec::with_capacity(n);
-    for _ in 0..n {
-        records.push(Record::from_wire(reader.record()?));
-    }
-    finish(&reader)?;
-    Ok(records)
+    let encoded = Encoded::parse_records(buf.to_vec())?;
+    Ok(encoded.into_records().into_iter().map(|(_, r)| r).collect())
+}
+
+/// A record from bytes a parser above has already checked.
+fn read_checked(bytes: &[u8]) -> Record {
+    Reader::new(bytes)
+        .record()
+        .map(Record::from_wire)
+        .unwrap_or_default()
 }
 
 fn finish(reader: &Reader<'_>) -> Result<(), WireError> {
