@@ -129,6 +129,30 @@ fn an_endless_loop_is_interrupted_at_its_deadline() {
 }
 
 #[test]
+fn a_stage_that_sleeps_is_stopped_at_its_deadline() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let started = std::time::Instant::now();
+    let run = run_faults(dir.path(), &["a", "sleep", "b"], "");
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert_eq!(outputs(dir.path()), ["a", "b"]);
+    assert_eq!(
+        dead_reasons(dir.path()),
+        [(
+            "sleep".to_string(),
+            "timed out: still running after its 100 ms deadline".to_string()
+        )]
+    );
+    // The stage asks for a minute twice (its batch, then alone); deadlines
+    // that covered only running code would let the run take two.
+    assert!(
+        started.elapsed().as_secs() < 30,
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_counts_add_up(&run, 3);
+}
+
+#[test]
 fn unbounded_allocation_stops_at_the_memory_cap() {
     let dir = tempfile::tempdir().expect("temp dir");
     let run = run_faults(dir.path(), &["hog", "a"], "");

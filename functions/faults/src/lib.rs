@@ -1,7 +1,8 @@
 //! Misbehaves on the records whose payload names a fault, and passes the
 //! rest through, so a test sees the host survive it and go on.
 //!
-//! Payloads: `panic`, `loop` (never returns), `hog` (allocates without
+//! Payloads: `panic`, `loop` (never returns), `sleep` (sleeps for a minute,
+//! waiting in the host rather than running), `hog` (allocates without
 //! bound), `reject`, `write-file`, `read-env` (reports what environment it
 //! sees), `connect` (opens a TCP connection), `print` (writes to stdout and
 //! stderr).
@@ -39,6 +40,10 @@ impl Stage for Faults {
                 loop {
                     n = std::hint::black_box(n.wrapping_add(1));
                 }
+            }
+            b"sleep" => {
+                std::thread::sleep(std::time::Duration::from_secs(60));
+                Ok(vec![record])
             }
             b"hog" => loop {
                 self.hoard.push(vec![1u8; 1 << 20]);

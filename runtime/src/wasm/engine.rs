@@ -52,6 +52,7 @@ impl Engine {
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        super::timers::clip_to_deadline(&mut linker)?;
         StageBindings::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
 
         let cache = options

@@ -1,7 +1,9 @@
 //! What a stage's store holds: its sandboxed WASI context, its memory cap,
 //! and what it said (log lines, a panic message) during the current call.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use wasmtime::component::ResourceTable;
 use wasmtime::ResourceLimiter;
@@ -9,6 +11,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::runnel::stage::host::{Host, Level};
 use super::output::GuestOutput;
+use super::timers::StageClock;
 
 /// Marks a panic message written by the SDK's panic hook.
 const PANIC_PREFIX: &str = "panicked at ";
@@ -22,6 +25,11 @@ pub struct HostState {
     /// The panic message of the current call, if the stage panicked.
     pub(crate) panic: Option<String>,
     stderr: GuestOutput,
+    /// The clock the stage reads, and when its current call must end.
+    pub(crate) clock: StageClock,
+    pub(crate) call_deadline: tokio::time::Instant,
+    /// Whether a timer of the current call was cut short at its deadline.
+    pub(crate) overslept: Arc<AtomicBool>,
 }
 
 impl HostState {
@@ -30,7 +38,9 @@ impl HostState {
     pub fn new(stage: Arc<str>, memory_cap: usize) -> Self {
         let stdout = GuestOutput::new(stage.clone(), false);
         let stderr = GuestOutput::new(stage.clone(), true);
+        let clock = StageClock::new();
         let wasi = WasiCtx::builder()
+            .monotonic_clock(clock)
             .stdout(stdout)
             .stderr(stderr.clone())
             .allow_tcp(false)
@@ -44,14 +54,24 @@ impl HostState {
             stage,
             panic: None,
             stderr,
+            clock,
+            call_deadline: tokio::time::Instant::now(),
+            overslept: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    /// Clears what the last call left behind.
-    pub(crate) fn begin_call(&mut self) {
+    /// Clears what the last call left behind and sets when this one must end.
+    pub(crate) fn begin_call(&mut self, timeout: Duration) {
+        self.call_deadline = tokio::time::Instant::now() + timeout;
+        self.overslept.store(false, Ordering::Relaxed);
         self.panic = None;
         self.limits.denied = None;
         self.stderr.take_tail();
+    }
+
+    /// Whether the current call waited on a timer until its deadline.
+    pub(crate) fn overslept(&self) -> bool {
+        self.overslept.load(Ordering::Relaxed)
     }
 
     /// The best explanation of a trap the stage gave: its panic message, or
@@ -91,36 +111,47 @@ impl Host for HostState {
     }
 }
 
-/// Caps one instance's linear memory. Growth past the cap traps the call
-/// with a message that names the cap, rather than handing the guest a
-/// failed allocation it would turn into an opaque abort.
+/// Caps the linear memory of one instance, all its memories together (a
+/// component may hold several core modules, each with its own). Growth past
+/// the cap traps the call with a message that names the cap, rather than
+/// handing the guest a failed allocation it would turn into an opaque abort.
 pub struct MemoryCap {
     cap: usize,
+    /// Bytes held by every memory of the instance. An instance lives in a
+    /// store of its own and memories are never freed before the store, so
+    /// the sum only grows.
+    held: usize,
     /// The size the stage asked for when it was refused, for the dead letter.
     pub(crate) denied: Option<usize>,
 }
 
 impl MemoryCap {
     fn new(cap: usize) -> Self {
-        MemoryCap { cap, denied: None }
+        MemoryCap {
+            cap,
+            held: 0,
+            denied: None,
+        }
     }
 }
 
 impl ResourceLimiter for MemoryCap {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.cap {
-            self.denied = Some(desired);
+        let total = self.held.saturating_add(desired.saturating_sub(current));
+        if total > self.cap {
+            self.denied = Some(total);
             wasmtime::bail!(
                 "memory limit reached: the stage asked for {} MiB, its cap is {} MiB",
-                desired.div_ceil(1 << 20),
+                total.div_ceil(1 << 20),
                 self.cap >> 20
             );
         }
+        self.held = total;
         Ok(true)
     }
 

@@ -136,18 +136,14 @@ impl LoadedStage {
         store.epoch_deadline_trap();
         let init_timeout = self.limits.timeout.max(MIN_INIT_TIMEOUT);
         store.set_epoch_deadline(deadline_ticks(init_timeout));
-        store.data_mut().begin_call();
-        let bindings = match self.pre.instantiate(&mut store) {
-            Ok(bindings) => bindings,
-            Err(err) => return Err(classify(&mut store, err, init_timeout)),
-        };
-        match bindings.call_init(&mut store, &self.config_json) {
+        store.data_mut().begin_call(init_timeout);
+        let instantiated = self.pre.instantiate(&mut store);
+        let bindings = finish(&mut store, instantiated, init_timeout)?;
+        let init = bindings.call_init(&mut store, &self.config_json);
+        match finish(&mut store, init, init_timeout) {
             Ok(Ok(())) => {}
             Ok(Err(reason)) => return Err(CallError::InitRejected(reason)),
-            Err(err) => {
-                let cause = classify(&mut store, err, init_timeout);
-                return Err(CallError::InitRejected(cause.to_string()));
-            }
+            Err(cause) => return Err(CallError::InitRejected(cause.to_string())),
         }
         Ok(StageInstance {
             store,
@@ -174,9 +170,8 @@ impl StageInstance {
     /// Runs an encoded batch and returns the stage's encoded answer, unread.
     pub(crate) fn process_encoded(&mut self, batch: &[u8]) -> Result<Vec<u8>, CallError> {
         self.begin();
-        self.bindings
-            .call_process(&mut self.store, batch)
-            .map_err(|err| classify(&mut self.store, err, self.timeout))
+        let answer = self.bindings.call_process(&mut self.store, batch);
+        finish(&mut self.store, answer, self.timeout)
     }
 
     /// One outcome per record, checked to be one per record.
@@ -204,9 +199,10 @@ impl StageInstance {
         end_of_input: bool,
     ) -> Result<Result<Vec<u8>, String>, CallError> {
         self.begin();
-        self.bindings
-            .call_flush(&mut self.store, now_ms, end_of_input)
-            .map_err(|err| classify(&mut self.store, err, self.timeout))
+        let answer = self
+            .bindings
+            .call_flush(&mut self.store, now_ms, end_of_input);
+        finish(&mut self.store, answer, self.timeout)
     }
 
     /// [`Self::flush_encoded`], decoded.
@@ -225,7 +221,7 @@ impl StageInstance {
 
     fn begin(&mut self) {
         self.store.set_epoch_deadline(self.ticks);
-        self.store.data_mut().begin_call();
+        self.store.data_mut().begin_call(self.timeout);
     }
 }
 
@@ -234,6 +230,20 @@ impl StageInstance {
 fn deadline_ticks(timeout: Duration) -> u64 {
     let tick = EPOCH_TICK.as_nanos();
     (timeout.as_nanos().div_ceil(tick) as u64).saturating_add(1)
+}
+
+/// A call's result as the chain sees it: a stage that returned after a
+/// timer let it wait past its deadline is as late as one interrupted.
+fn finish<T>(
+    store: &mut Store<HostState>,
+    result: wasmtime::Result<T>,
+    timeout: Duration,
+) -> Result<T, CallError> {
+    match result {
+        Ok(_) if store.data().overslept() => Err(CallError::Timeout(timeout)),
+        Ok(value) => Ok(value),
+        Err(err) => Err(classify(store, err, timeout)),
+    }
 }
 
 fn classify(store: &mut Store<HostState>, err: wasmtime::Error, timeout: Duration) -> CallError {

@@ -6,6 +6,7 @@ mod engine;
 mod host;
 mod instance;
 mod output;
+mod timers;
 
 pub use cache::CacheOutcome;
 pub use engine::{Engine, EngineOptions};
