@@ -1,13 +1,14 @@
 //! The pipeline file: one TOML document, parsed into types that cannot hold
 //! a bad value, then checked as a whole before anything starts.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::mqtt::{pick_connection, ConnectionConfig, KeyPattern};
 use crate::sink::SinkConfig;
 use crate::source::SourceConfig;
 
@@ -40,6 +41,9 @@ pub struct PipelineFile {
     /// Where records that cannot go on are written; a file next to the
     /// pipeline when not set, so nothing is ever dropped unseen.
     pub dead_letter: Option<SinkConfig>,
+    /// MQTT connections by name, used by sources and sinks of type "mqtt".
+    #[serde(default)]
+    pub mqtt: BTreeMap<String, ConnectionConfig>,
 }
 
 /// The `[pipeline]` table.
@@ -191,12 +195,13 @@ impl Pipeline {
             path: path.to_owned(),
             message: parse_message(&err),
         })?;
-        let pipeline = Pipeline {
+        let mut pipeline = Pipeline {
             path: path.to_owned(),
             file,
             source_text: text,
         };
         pipeline.check()?;
+        pipeline.name_connections();
         Ok(pipeline)
     }
 
@@ -280,6 +285,89 @@ impl Pipeline {
                     stage.wasm.span(),
                     format!("stage `{name}`: wasm file {} not found", wasm.display()),
                 ));
+            }
+        }
+        self.check_mqtt()
+    }
+
+    /// Fills in the connection of MQTT sources and sinks that leave it out,
+    /// which `check` allowed only when there is exactly one.
+    fn name_connections(&mut self) {
+        let Some(only) = self.file.mqtt.keys().next().cloned() else {
+            return;
+        };
+        if let SourceConfig::Mqtt { connection, .. } = &mut self.file.source {
+            connection.get_or_insert_with(|| only.clone());
+        }
+        for sink in std::iter::once(&mut self.file.sink).chain(self.file.dead_letter.as_mut()) {
+            if let SinkConfig::Mqtt { connection, .. } = sink {
+                connection.get_or_insert_with(|| only.clone());
+            }
+        }
+    }
+
+    fn check_mqtt(&self) -> Result<(), ConfigError> {
+        let mqtt = &self.file.mqtt;
+        for (name, connection) in mqtt {
+            connection
+                .check(name, self.base_dir())
+                .map_err(|e| self.error_at(e.span, e.message))?;
+        }
+        let embedded = mqtt
+            .values()
+            .filter(|c| c.broker.get_ref() == "embedded")
+            .count();
+        if embedded > 1 {
+            return Err(self.error_at(
+                self.span_of("broker"),
+                "only one connection may use broker = \"embedded\"",
+            ));
+        }
+        if let SourceConfig::Mqtt {
+            connection,
+            topics,
+            qos,
+            key,
+        } = &self.file.source
+        {
+            let at = |key: &str, message: String| {
+                self.error_at(self.span_of(key), format!("source: {message}"))
+            };
+            pick_connection(mqtt, connection.as_deref()).map_err(|m| at("type", m))?;
+            if topics.is_empty() || topics.iter().any(|t| t.is_empty()) {
+                return Err(at(
+                    "topics",
+                    "topics must list at least one topic filter".into(),
+                ));
+            }
+            if *qos > 1 {
+                return Err(at("qos", format!("qos must be 0 or 1, not {qos}")));
+            }
+            if let Some(key) = key {
+                KeyPattern::parse(key).map_err(|m| at("key", m))?;
+            }
+        }
+        let sinks = [
+            ("sink", Some(&self.file.sink)),
+            ("dead_letter", self.file.dead_letter.as_ref()),
+        ];
+        for (role, sink) in sinks {
+            let Some(SinkConfig::Mqtt {
+                connection,
+                topic,
+                qos,
+                ..
+            }) = sink
+            else {
+                continue;
+            };
+            let at = |message: String| {
+                self.error_at(self.span_of("topic"), format!("{role}: {message}"))
+            };
+            pick_connection(mqtt, connection.as_deref()).map_err(&at)?;
+            crate::sink::topic_template(topic.as_deref()).map_err(&at)?;
+            if *qos > 1 {
+                return Err(at(format!("qos must be 0 or 1, not {qos}")));
             }
         }
         Ok(())

@@ -7,9 +7,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 
-use crate::chain::{Chain, ChainOutput, InputOutcome};
+use crate::chain::{Chain, ChainOutput, DeadLetter, InputOutcome};
 use crate::codec::LineFormat;
 use crate::config::{ConfigError, Pipeline};
+use crate::mqtt::{Connections, SourceNeeds};
 use crate::sink::{Sink, SinkConfig};
 use crate::source::{Clock, Source};
 use crate::wasm::{CacheOutcome, Engine, EngineOptions, LoadedStage, StageLimits};
@@ -138,8 +139,27 @@ pub async fn run(
     let engine = engine_for(pipeline, options)?;
     let chain = start_chain(pipeline, &engine)?;
     let base = pipeline.base_dir();
-    let source = pipeline.file.source.open(base).await?;
-    let sink = pipeline.file.sink.open(base, LineFormat::Record).await?;
+    let needs = pipeline
+        .file
+        .source
+        .mqtt_subscription()
+        .map(|(connection, subscription)| SourceNeeds {
+            connection: connection.unwrap_or_default(),
+            subscription,
+        });
+    let connections = Connections::open(
+        &pipeline.file.mqtt,
+        &pipeline.file.pipeline.name,
+        base,
+        needs,
+    )
+    .map_err(|message| anyhow::anyhow!("{}: {message}", pipeline.path.display()))?;
+    let source = pipeline.file.source.open(base, &connections).await?;
+    let sink = pipeline
+        .file
+        .sink
+        .open(base, LineFormat::Record, &connections)
+        .await?;
     let dead_config = pipeline.file.dead_letter.as_ref();
     let default_dead = SinkConfig::File {
         path: DEFAULT_DEAD_LETTER.into(),
@@ -147,7 +167,7 @@ pub async fn run(
     };
     let dead_sink = dead_config
         .unwrap_or(&default_dead)
-        .open(base, LineFormat::Payload)
+        .open(base, LineFormat::Payload, &connections)
         .await?;
     tracing::info!(
         pipeline = %pipeline.path.display(),
@@ -165,6 +185,7 @@ pub async fn run(
         dead_sink,
         summary: Summary::default(),
         watermark: None,
+        connections,
     };
     let batch_size = pipeline.file.pipeline.batch_size;
     let timer = Duration::from_millis(pipeline.file.pipeline.timer_ms);
@@ -189,6 +210,7 @@ pub async fn run(
         runner.dead_sink.close().await
     }
     .await;
+    runner.connections.disconnect().await;
     result?;
     closed?;
     Ok(runner.summary)
@@ -204,6 +226,7 @@ struct Runner {
     summary: Summary,
     /// Newest record timestamp seen, for the event clock.
     watermark: Option<i64>,
+    connections: Connections,
 }
 
 impl Runner {
@@ -229,6 +252,9 @@ impl Runner {
                     }
                     tracing::info!("stopping: what was read is processed and delivered");
                     break;
+                }
+                reason = self.connections.failed() => {
+                    anyhow::bail!("{reason}");
                 }
                 _ = ticker.tick(), if clock == Clock::Wall => {
                     self.flush(now_ms(), false).await?;
@@ -300,7 +326,7 @@ impl Runner {
 
     /// Outputs to the sink and dead letters to theirs, both accepted before
     /// the caller acknowledges the inputs.
-    async fn deliver(&mut self, output: ChainOutput, from_timer: bool) -> anyhow::Result<()> {
+    async fn deliver(&mut self, mut output: ChainOutput, from_timer: bool) -> anyhow::Result<()> {
         for outcome in &output.outcomes {
             match outcome {
                 InputOutcome::Emitted => self.summary.emitted += 1,
@@ -308,25 +334,56 @@ impl Runner {
                 InputOutcome::DeadLettered => self.summary.dead_lettered += 1,
             }
         }
+        let mut dead_letters = output.dead_letters;
         if !output.outputs.is_empty() {
-            let records: Vec<Record> = output.outputs.into_iter().map(|(_, r)| r).collect();
-            self.sink.send(&records).await?;
-            self.summary.outputs += records.len() as u64;
+            let (inputs, mut records): (Vec<Option<usize>>, Vec<Record>) =
+                output.outputs.into_iter().unzip();
+            let rejected = self.sink.send(&records).await?;
+            let accepted = (records.len() - rejected.len()) as u64;
+            self.summary.outputs += accepted;
             if from_timer {
-                self.summary.timer_outputs += records.len() as u64;
+                self.summary.timer_outputs += accepted;
+            }
+            for refused in rejected.into_iter().rev() {
+                let input = inputs.get(refused.index).copied().flatten();
+                // An input with a refused output counts as dead-lettered.
+                if let Some(outcome) = input.and_then(|i| output.outcomes.get(i)) {
+                    if *outcome == InputOutcome::Emitted {
+                        self.summary.emitted -= 1;
+                        self.summary.dead_lettered += 1;
+                    }
+                }
+                if let Some(i) = input {
+                    if let Some(outcome) = output.outcomes.get_mut(i) {
+                        *outcome = InputOutcome::DeadLettered;
+                    }
+                }
+                dead_letters.push(DeadLetter {
+                    stage: "sink".into(),
+                    reason: format!("the sink refused it: {}", refused.reason),
+                    record: records.swap_remove(refused.index),
+                    input,
+                });
             }
         }
-        if !output.dead_letters.is_empty() {
+        if !dead_letters.is_empty() {
             let now = now_ms();
-            let entries: Vec<Record> = output
-                .dead_letters
+            let entries: Vec<Record> = dead_letters
                 .iter()
                 .map(|dead| crate::deadletter::to_record(&self.name, dead, now))
                 .collect();
-            for dead in &output.dead_letters {
+            for dead in &dead_letters {
                 tracing::warn!(stage = %dead.stage, reason = %dead.reason, "dead letter");
             }
-            self.dead_sink.send(&entries).await?;
+            let refused = self.dead_sink.send(&entries).await?;
+            for entry in &refused {
+                // Nowhere further to send it: the log is its last place.
+                tracing::error!(
+                    entry = %String::from_utf8_lossy(&entries[entry.index].payload),
+                    "the dead-letter sink refused an entry: {}",
+                    entry.reason
+                );
+            }
             self.summary.dead_letters += entries.len() as u64;
         }
         Ok(())

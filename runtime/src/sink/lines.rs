@@ -3,7 +3,7 @@ use std::path::Path;
 use async_trait::async_trait;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use super::{Sink, SinkError};
+use super::{Rejected, Sink, SinkError};
 use crate::codec::{encode_line, LineFormat};
 use crate::Record;
 
@@ -67,7 +67,7 @@ impl LinesSink {
 
 #[async_trait]
 impl Sink for LinesSink {
-    async fn send(&mut self, records: &[Record]) -> Result<(), SinkError> {
+    async fn send(&mut self, records: &[Record]) -> Result<Vec<Rejected>, SinkError> {
         self.buf.clear();
         for record in records {
             encode_line(record, self.format, &mut self.buf);
@@ -80,7 +80,8 @@ impl Sink for LinesSink {
             self.writer.flush().await
         }
         .await;
-        result.map_err(|e| self.io_error(e))
+        result.map_err(|e| self.io_error(e))?;
+        Ok(Vec::new())
     }
 
     async fn close(&mut self) -> Result<(), SinkError> {

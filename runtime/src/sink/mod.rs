@@ -3,6 +3,7 @@
 //! runner acknowledge the inputs they came from.
 
 mod lines;
+mod mqtt;
 
 use std::path::PathBuf;
 
@@ -10,9 +11,11 @@ use async_trait::async_trait;
 use serde::Deserialize;
 
 use crate::codec::LineFormat;
+use crate::mqtt::{Connections, TopicTemplate};
 use crate::Record;
 
 pub use lines::LinesSink;
+pub use mqtt::MqttSink;
 
 /// The `[sink]` table.
 #[derive(Debug, Deserialize)]
@@ -25,6 +28,23 @@ pub enum SinkConfig {
         path: PathBuf,
         format: Option<LineFormat>,
     },
+    /// Each record's payload published over MQTT.
+    Mqtt {
+        /// The `[mqtt.NAME]` to use; may be left out when there is one.
+        connection: Option<String>,
+        /// `{key}` and `{topic}` are the record's; the record's own topic
+        /// when not set.
+        topic: Option<String>,
+        #[serde(default = "crate::source::default_qos")]
+        qos: u8,
+        #[serde(default)]
+        retain: bool,
+    },
+}
+
+/// The topic template of an MQTT sink, whose default is the record's topic.
+pub(crate) fn topic_template(topic: Option<&str>) -> Result<TopicTemplate, String> {
+    TopicTemplate::parse(topic.unwrap_or("{topic}"))
 }
 
 impl SinkConfig {
@@ -34,6 +54,7 @@ impl SinkConfig {
         &self,
         base_dir: &std::path::Path,
         default_format: LineFormat,
+        connections: &Connections,
     ) -> Result<Box<dyn Sink>, SinkError> {
         Ok(match self {
             SinkConfig::Stdout { format } => {
@@ -43,7 +64,32 @@ impl SinkConfig {
                 LinesSink::open_file(&base_dir.join(path), format.unwrap_or(default_format))
                     .await?,
             ),
+            SinkConfig::Mqtt {
+                connection,
+                topic,
+                qos,
+                retain,
+            } => {
+                let name = connection.as_deref().unwrap_or_default();
+                let broker = |reason: String| SinkError::Broker {
+                    connection: name.to_string(),
+                    reason,
+                };
+                let conn = connections
+                    .get(name)
+                    .ok_or_else(|| broker("not declared".into()))?;
+                let template = topic_template(topic.as_deref()).map_err(broker)?;
+                Box::new(MqttSink::new(conn, template, *qos, *retain))
+            }
         })
+    }
+
+    /// The connection an MQTT sink names, if this is one.
+    pub fn mqtt_connection(&self) -> Option<Option<&str>> {
+        match self {
+            SinkConfig::Mqtt { connection, .. } => Some(connection.as_deref()),
+            _ => None,
+        }
     }
 }
 
@@ -54,12 +100,23 @@ pub enum SinkError {
         what: String,
         source: std::io::Error,
     },
+    #[error("mqtt sink, connection `{connection}`: {reason}")]
+    Broker { connection: String, reason: String },
+}
+
+/// A record a sink would not take, and why; the runner dead-letters it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// Its place in the slice given to `send`.
+    pub index: usize,
+    pub reason: String,
 }
 
 #[async_trait]
 pub trait Sink: Send {
-    /// Takes records in order; returns once they are accepted.
-    async fn send(&mut self, records: &[Record]) -> Result<(), SinkError>;
+    /// Takes records in order; returns once they are accepted, with those
+    /// refused one by one (a topic that cannot be made, a broker's no).
+    async fn send(&mut self, records: &[Record]) -> Result<Vec<Rejected>, SinkError>;
 
     /// Flushes and closes; called once at the end of a run.
     async fn close(&mut self) -> Result<(), SinkError>;

@@ -3,6 +3,7 @@
 //! does so only after every output and dead letter was accepted.
 
 mod lines;
+mod mqtt;
 
 use std::path::PathBuf;
 
@@ -11,9 +12,11 @@ use serde::Deserialize;
 
 use crate::chain::DeadLetter;
 use crate::codec::LineFormat;
+use crate::mqtt::{Connections, KeyPattern, Subscription};
 use crate::Record;
 
 pub use lines::LinesSource;
+pub use mqtt::MqttSource;
 
 /// The `[source]` table.
 #[derive(Debug, Deserialize)]
@@ -30,16 +33,75 @@ pub enum SourceConfig {
         #[serde(default)]
         format: LineFormat,
     },
+    /// Messages from MQTT topic filters.
+    Mqtt {
+        /// The `[mqtt.NAME]` to use; may be left out when there is one.
+        connection: Option<String>,
+        /// Filters, wildcards and `$share/GROUP/...` allowed.
+        topics: Vec<String>,
+        #[serde(default = "default_qos")]
+        qos: u8,
+        /// Where the key is in the topic, e.g. `sensors/{key}/telemetry`.
+        key: Option<String>,
+    },
+}
+
+pub(crate) fn default_qos() -> u8 {
+    1
 }
 
 impl SourceConfig {
-    pub async fn open(&self, base_dir: &std::path::Path) -> Result<Box<dyn Source>, SourceError> {
+    pub async fn open(
+        &self,
+        base_dir: &std::path::Path,
+        connections: &Connections,
+    ) -> Result<Box<dyn Source>, SourceError> {
         Ok(match self {
             SourceConfig::File { path, format } => {
                 Box::new(LinesSource::open_file(&base_dir.join(path), *format).await?)
             }
             SourceConfig::Stdin { format } => Box::new(LinesSource::stdin(*format)),
+            SourceConfig::Mqtt {
+                connection,
+                topics,
+                key,
+                ..
+            } => {
+                let name = connection.as_deref().unwrap_or_default();
+                let conn = connections.get(name).ok_or_else(|| SourceError::Broker {
+                    connection: name.to_string(),
+                    reason: "not declared".into(),
+                })?;
+                let key = key
+                    .as_deref()
+                    .map(KeyPattern::parse)
+                    .transpose()
+                    .map_err(|reason| SourceError::Broker {
+                        connection: name.to_string(),
+                        reason,
+                    })?;
+                Box::new(MqttSource::new(conn, topics.clone(), key)?)
+            }
         })
+    }
+
+    /// The subscription an MQTT source needs made on its connection.
+    pub fn mqtt_subscription(&self) -> Option<(Option<&str>, Subscription)> {
+        match self {
+            SourceConfig::Mqtt {
+                connection,
+                topics,
+                qos,
+                ..
+            } => Some((
+                connection.as_deref(),
+                Subscription {
+                    filters: topics.clone(),
+                    qos: *qos,
+                },
+            )),
+            _ => None,
+        }
     }
 }
 
@@ -77,6 +139,8 @@ pub enum SourceError {
         what: String,
         source: std::io::Error,
     },
+    #[error("mqtt source, connection `{connection}`: {reason}")]
+    Broker { connection: String, reason: String },
 }
 
 #[async_trait]

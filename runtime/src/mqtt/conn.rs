@@ -1,0 +1,701 @@
+//! One MQTT connection: a task that polls the broker and reconnects with
+//! backoff, and a task that publishes with at-least-once tracking, spooling
+//! to disk when the broker is out of reach.
+//!
+//! rumqttc reports a publish's packet id only as an event, in the order the
+//! publishes were queued, so the publisher matches ids to messages by that
+//! order. When the connection drops, rumqttc's own resend queue is cleared
+//! and the publisher resends (or spools) what was not acknowledged itself,
+//! so a message is never in two queues that could disagree.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::link::{Delivery, LinkClient, LinkEvent, LinkLoop, Message, Outbound};
+use super::spool::{Spool, SpoolError};
+
+/// A message from the broker, with the connection it came on.
+#[derive(Debug)]
+pub struct Inbound {
+    pub message: Message,
+    /// Which connection (they count up) delivered it; an acknowledgement
+    /// is only valid on that same connection.
+    pub generation: u64,
+    pub arrived_ms: i64,
+}
+
+/// Per message of a publish: `Err` when the broker refused it.
+pub type PublishOutcome = Vec<Result<(), String>>;
+
+enum Command {
+    Publish(
+        Vec<Outbound>,
+        oneshot::Sender<Result<PublishOutcome, String>>,
+    ),
+}
+
+/// What the poller tells the publisher.
+enum Note {
+    Connected,
+    Link(LinkEvent),
+    /// The connection dropped; the publisher answers once it has taken
+    /// back what was in flight.
+    Disconnected(oneshot::Sender<()>),
+    Fatal(String),
+}
+
+/// A connection to one broker, shared by the sources and sinks that use it.
+pub struct Connection {
+    name: String,
+    url: String,
+    client: LinkClient,
+    commands: mpsc::UnboundedSender<Command>,
+    inbound: Mutex<Option<mpsc::UnboundedReceiver<Inbound>>>,
+    generation: Arc<Mutex<u64>>,
+    fatal: watch::Receiver<Option<String>>,
+}
+
+/// Topic filters to subscribe to on every (re)connect.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub filters: Vec<String>,
+    pub qos: u8,
+}
+
+impl Connection {
+    /// Starts the connection's tasks; it connects in the background.
+    pub fn start(
+        name: String,
+        url: String,
+        client: LinkClient,
+        link: LinkLoop,
+        subscription: Option<Subscription>,
+        spool: Option<Spool>,
+        window: usize,
+    ) -> Arc<Self> {
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (notes, note_rx) = mpsc::unbounded_channel();
+        let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
+        let (fatal_tx, fatal) = watch::channel(None);
+        let generation = Arc::new(Mutex::new(0u64));
+        let poller = Poller {
+            name: name.clone(),
+            url: url.clone(),
+            link,
+            client: client.clone(),
+            notes,
+            inbound: inbound_tx,
+            generation: generation.clone(),
+            subscription,
+            fatal: fatal_tx,
+        };
+        tokio::spawn(poller.run());
+        let publisher = Publisher {
+            name: name.clone(),
+            client: client.clone(),
+            connected: false,
+            fatal: None,
+            seq: 0,
+            queue: VecDeque::new(),
+            unassigned: VecDeque::new(),
+            inflight: HashMap::new(),
+            parked: HashMap::new(),
+            batches: HashMap::new(),
+            next_batch: 0,
+            spool,
+            replay: None,
+            window: window.max(1),
+            spool_logged: None,
+        };
+        tokio::spawn(publisher.run(command_rx, note_rx));
+        Arc::new(Connection {
+            name,
+            url,
+            client,
+            commands,
+            inbound: Mutex::new(Some(inbound_rx)),
+            generation,
+            fatal,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The messages the broker delivers; only one source may take them.
+    pub fn take_inbound(&self) -> Option<mpsc::UnboundedReceiver<Inbound>> {
+        self.inbound.lock().ok()?.take()
+    }
+
+    /// Publishes in order and waits until each message was acknowledged by
+    /// the broker (QoS 1), written out (QoS 0) or spooled.
+    pub async fn publish(&self, messages: Vec<Outbound>) -> Result<PublishOutcome, String> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (done, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Publish(messages, done))
+            .map_err(|_| self.stopped())?;
+        answer.await.map_err(|_| self.stopped())?
+    }
+
+    fn stopped(&self) -> String {
+        self.fatal
+            .borrow()
+            .clone()
+            .unwrap_or_else(|| format!("connection `{}` has stopped", self.name))
+    }
+
+    /// Acknowledges a message, unless the connection it came on is gone: the
+    /// broker then delivers it again, and an ack now could hit another
+    /// message that reuses its packet id.
+    pub async fn ack(&self, generation: u64, delivery: &Delivery) -> Result<(), String> {
+        loop {
+            {
+                let current = self
+                    .generation
+                    .lock()
+                    .map_err(|_| "connection state poisoned".to_string())?;
+                if *current != generation {
+                    return Ok(());
+                }
+                if self.client.try_ack(delivery) {
+                    return Ok(());
+                }
+            }
+            if self.fatal.borrow().is_some() {
+                return Err(self.stopped());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Resolves with the reason once the connection has failed for good
+    /// (refused credentials, a refused subscription).
+    pub async fn failed(&self) -> String {
+        let mut fatal = self.fatal.clone();
+        let reason = match fatal.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone(),
+            Err(_) => None,
+        };
+        match reason {
+            Some(reason) => reason,
+            None => std::future::pending().await,
+        }
+    }
+
+    pub async fn disconnect(&self) {
+        self.client.disconnect().await;
+    }
+}
+
+struct Poller {
+    name: String,
+    url: String,
+    link: LinkLoop,
+    client: LinkClient,
+    notes: mpsc::UnboundedSender<Note>,
+    inbound: mpsc::UnboundedSender<Inbound>,
+    generation: Arc<Mutex<u64>>,
+    subscription: Option<Subscription>,
+    fatal: watch::Sender<Option<String>>,
+}
+
+impl Poller {
+    async fn run(mut self) {
+        let mut backoff = Backoff::new();
+        let mut ever_connected = false;
+        loop {
+            match self.link.poll().await {
+                Ok(LinkEvent::Connected { session_present }) => {
+                    backoff.reset();
+                    tracing::info!(
+                        connection = %self.name,
+                        broker = %self.url,
+                        session_present,
+                        "{}",
+                        if ever_connected { "reconnected" } else { "connected" }
+                    );
+                    ever_connected = true;
+                    if let Some(sub) = &self.subscription {
+                        if let Err(err) = self.client.try_subscribe(&sub.filters, sub.qos) {
+                            tracing::error!(connection = %self.name, "cannot subscribe: {err}");
+                        }
+                    }
+                    if self.notes.send(Note::Connected).is_err() {
+                        return;
+                    }
+                }
+                Ok(LinkEvent::Message(message)) => {
+                    let generation = self.generation.lock().map_or(0, |g| *g);
+                    let inbound = Inbound {
+                        message: *message,
+                        generation,
+                        arrived_ms: crate::run::now_ms(),
+                    };
+                    // Nobody reads when no source uses this connection.
+                    let _ = self.inbound.send(inbound);
+                }
+                Ok(LinkEvent::SubscribeRefused(refused)) if !refused.is_empty() => {
+                    let filters: Vec<&str> = refused
+                        .iter()
+                        .filter_map(|&i| {
+                            self.subscription
+                                .as_ref()
+                                .and_then(|s| s.filters.get(i))
+                                .map(String::as_str)
+                        })
+                        .collect();
+                    let reason = format!(
+                        "connection `{}` ({}): the broker refused the subscription to {}",
+                        self.name,
+                        self.url,
+                        filters.join(", ")
+                    );
+                    self.fail(reason);
+                    return;
+                }
+                Ok(LinkEvent::Other | LinkEvent::SubscribeRefused(_)) => {}
+                Ok(event) => {
+                    if self.notes.send(Note::Link(event)).is_err() {
+                        return;
+                    }
+                }
+                Err(err) => {
+                    self.take_back_requests();
+                    let reason =
+                        format!("connection `{}` ({}): {}", self.name, self.url, err.message);
+                    if err.fatal {
+                        self.fail(reason);
+                        return;
+                    }
+                    let delay = backoff.next();
+                    tracing::warn!(
+                        connection = %self.name,
+                        broker = %self.url,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "{reason}"
+                    );
+                    let (answer, answered) = oneshot::channel();
+                    if self.notes.send(Note::Disconnected(answer)).is_err() {
+                        return;
+                    }
+                    let _ = answered.await;
+                    // Publishes queued while the publisher was learning of
+                    // the drop go too; it resends them itself.
+                    self.take_back_requests();
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Empties rumqttc's queues under the generation lock, and moves to the
+    /// next generation so no acknowledgement of the old connection is sent.
+    fn take_back_requests(&mut self) {
+        let mut generation = self.generation.lock().unwrap_or_else(|e| e.into_inner());
+        *generation += 1;
+        self.link.forget_pending();
+    }
+
+    fn fail(&mut self, reason: String) {
+        tracing::error!("{reason}");
+        let _ = self.notes.send(Note::Fatal(reason.clone()));
+        let _ = self.fatal.send(Some(reason));
+    }
+}
+
+/// Reconnect delays: doubling from 200 ms to 30 s, each with up to a
+/// quarter of jitter so many gateways do not return in step.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn new() -> Self {
+        Backoff { next: Self::FIRST }
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    fn next(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let jitter = base.mul_f64(f64::from(nanos % 1000) / 4000.0);
+        base + jitter
+    }
+}
+
+struct Pending {
+    seq: u64,
+    message: Outbound,
+    batch: u64,
+    index: usize,
+}
+
+enum Waiter {
+    Caller(oneshot::Sender<Result<PublishOutcome, String>>),
+    /// Replay from the spool: commit up to this offset once all are sent.
+    Spool {
+        end: u64,
+    },
+}
+
+struct BatchState {
+    waiter: Waiter,
+    outcome: PublishOutcome,
+    remaining: usize,
+}
+
+struct Publisher {
+    name: String,
+    client: LinkClient,
+    connected: bool,
+    fatal: Option<String>,
+    seq: u64,
+    /// Not yet handed to rumqttc.
+    queue: VecDeque<Pending>,
+    /// Handed to rumqttc, packet id not yet known.
+    unassigned: VecDeque<Pending>,
+    inflight: HashMap<u16, Pending>,
+    /// Waiting for the broker to free a packet id.
+    parked: HashMap<u16, Pending>,
+    batches: HashMap<u64, BatchState>,
+    next_batch: u64,
+    spool: Option<Spool>,
+    /// The spool batch being replayed.
+    replay: Option<u64>,
+    /// Most messages handed to rumqttc at once.
+    window: usize,
+    spool_logged: Option<Instant>,
+}
+
+impl Publisher {
+    async fn run(
+        mut self,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        mut notes: mpsc::UnboundedReceiver<Note>,
+    ) {
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(Command::Publish(messages, done)) => self.publish(messages, done),
+                    None => return,
+                },
+                note = notes.recv() => match note {
+                    Some(note) => self.note(note),
+                    None => {
+                        // The poller is gone: nothing can be sent again.
+                        self.fail_all("the connection's event loop stopped".into());
+                        while let Some(Command::Publish(_, done)) = commands.recv().await {
+                            let _ = done.send(Err(self.fatal.clone().unwrap_or_default()));
+                        }
+                        return;
+                    }
+                },
+            }
+            self.pump();
+        }
+    }
+
+    fn spooling(&self) -> bool {
+        self.spool
+            .as_ref()
+            .is_some_and(|s| !self.connected || !s.is_empty() || self.replay.is_some())
+    }
+
+    fn publish(
+        &mut self,
+        messages: Vec<Outbound>,
+        done: oneshot::Sender<Result<PublishOutcome, String>>,
+    ) {
+        if let Some(reason) = &self.fatal {
+            let _ = done.send(Err(reason.clone()));
+            return;
+        }
+        let id = self.next_batch;
+        self.next_batch += 1;
+        let count = messages.len();
+        if self.spooling() && self.queue.is_empty() {
+            match self.spool_append(&messages) {
+                Ok(()) => {
+                    let _ = done.send(Ok(vec![Ok(()); count]));
+                    return;
+                }
+                Err(SpoolError::Full { .. }) => {} // waits in the queue, unacknowledged
+                Err(err) => {
+                    let _ = done.send(Err(err.to_string()));
+                    return;
+                }
+            }
+        }
+        self.batches.insert(
+            id,
+            BatchState {
+                waiter: Waiter::Caller(done),
+                outcome: vec![Ok(()); count],
+                remaining: count,
+            },
+        );
+        for (index, message) in messages.into_iter().enumerate() {
+            self.seq += 1;
+            self.queue.push_back(Pending {
+                seq: self.seq,
+                message,
+                batch: id,
+                index,
+            });
+        }
+    }
+
+    fn spool_append(&mut self, messages: &[Outbound]) -> Result<(), SpoolError> {
+        let Some(spool) = self.spool.as_mut() else {
+            return Ok(());
+        };
+        let dropped_before = spool.dropped;
+        spool.append(messages)?;
+        if spool.dropped > dropped_before {
+            tracing::warn!(
+                connection = %self.name,
+                dropped = spool.dropped - dropped_before,
+                "spool full: dropped the oldest messages to make room"
+            );
+        }
+        let due = self
+            .spool_logged
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(5));
+        if due {
+            tracing::warn!(
+                connection = %self.name,
+                spooled_messages = spool.count(),
+                spooled_kib = spool.bytes() / 1024,
+                max_mib = spool.max_mb(),
+                "broker out of reach: messages are spooled"
+            );
+            self.spool_logged = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    fn note(&mut self, note: Note) {
+        match note {
+            Note::Connected => self.connected = true,
+            Note::Link(LinkEvent::Sent(pkid)) => self.sent(pkid),
+            Note::Link(LinkEvent::AwaitingId(pkid)) => {
+                if let Some(p) = self.unassigned.pop_front() {
+                    self.parked.insert(pkid, p);
+                }
+            }
+            Note::Link(LinkEvent::Acked(pkid, result)) => {
+                if let Some(p) = self.inflight.remove(&pkid) {
+                    self.complete(p, result);
+                }
+            }
+            Note::Link(_) => {}
+            Note::Disconnected(answer) => {
+                self.connected = false;
+                self.take_back();
+                let _ = answer.send(());
+            }
+            Note::Fatal(reason) => self.fail_all(reason),
+        }
+    }
+
+    fn sent(&mut self, pkid: u16) {
+        if pkid == 0 {
+            if let Some(p) = self.unassigned.pop_front() {
+                self.complete(p, Ok(()));
+            }
+        } else if self.inflight.contains_key(&pkid) {
+            // rumqttc resending on its own; the first send is still tracked.
+        } else if let Some(p) = self.parked.remove(&pkid) {
+            self.inflight.insert(pkid, p);
+        } else if let Some(p) = self.unassigned.pop_front() {
+            self.inflight.insert(pkid, p);
+        }
+    }
+
+    /// After a drop: everything not acknowledged goes back to the front of
+    /// the queue in its first order, or to the spool.
+    fn take_back(&mut self) {
+        let mut back: Vec<Pending> = self
+            .unassigned
+            .drain(..)
+            .chain(self.inflight.drain().map(|(_, p)| p))
+            .chain(self.parked.drain().map(|(_, p)| p))
+            .collect();
+        back.sort_by_key(|p| p.seq);
+        for p in back.into_iter().rev() {
+            self.queue.push_front(p);
+        }
+        // A spool replay is simply read again later.
+        if self.replay.take().is_some() {
+            let batches = &self.batches;
+            let replayed = |p: &Pending| matches!(batches.get(&p.batch), Some(b) if matches!(b.waiter, Waiter::Spool { .. }));
+            self.queue.retain(|p| !replayed(p));
+            self.batches
+                .retain(|_, b| !matches!(b.waiter, Waiter::Spool { .. }));
+        }
+        if self.spool.is_some() && !self.queue.is_empty() {
+            let queued: Vec<Pending> = self.queue.drain(..).collect();
+            let messages: Vec<Outbound> = queued.iter().map(|p| p.message.clone()).collect();
+            match self.spool_append(&messages) {
+                Ok(()) => {
+                    for p in queued {
+                        self.complete(p, Ok(()));
+                    }
+                }
+                Err(err) => {
+                    if !matches!(err, SpoolError::Full { .. }) {
+                        tracing::error!(connection = %self.name, "{err}");
+                    }
+                    self.queue.extend(queued);
+                }
+            }
+        }
+    }
+
+    fn complete(&mut self, p: Pending, result: Result<(), String>) {
+        let Some(batch) = self.batches.get_mut(&p.batch) else {
+            return;
+        };
+        if let Err(reason) = result {
+            if let Some(slot) = batch.outcome.get_mut(p.index) {
+                *slot = Err(reason);
+            }
+        }
+        batch.remaining = batch.remaining.saturating_sub(1);
+        if batch.remaining > 0 {
+            return;
+        }
+        let Some(batch) = self.batches.remove(&p.batch) else {
+            return;
+        };
+        match batch.waiter {
+            Waiter::Caller(done) => {
+                let _ = done.send(Ok(batch.outcome));
+            }
+            Waiter::Spool { end } => {
+                self.replay = None;
+                for (i, outcome) in batch.outcome.iter().enumerate() {
+                    if let Err(reason) = outcome {
+                        // Its input was acknowledged when it was spooled; the
+                        // log is the last place this message is seen.
+                        tracing::error!(
+                            connection = %self.name,
+                            message = i,
+                            "a spooled message was refused by the broker and is lost: {reason}"
+                        );
+                    }
+                }
+                let delivered = batch.outcome.len() as u64;
+                if let Some(spool) = self.spool.as_mut() {
+                    if let Err(err) = spool.commit(end, delivered) {
+                        tracing::error!(connection = %self.name, "{err}");
+                    } else if spool.is_empty() {
+                        tracing::info!(connection = %self.name, "spool drained: every spooled message was delivered");
+                    }
+                }
+            }
+        }
+    }
+
+    fn outstanding(&self) -> usize {
+        self.unassigned.len() + self.inflight.len() + self.parked.len()
+    }
+
+    /// Hands queued messages to rumqttc while connected and under the window,
+    /// replaying the spool first.
+    fn pump(&mut self) {
+        if !self.connected || self.fatal.is_some() {
+            return;
+        }
+        self.start_replay();
+        while self.outstanding() < self.window {
+            let Some(p) = self.queue.pop_front() else {
+                break;
+            };
+            if let Err(err) = self.client.try_publish(&p.message) {
+                tracing::debug!(connection = %self.name, "publish queue busy: {err}");
+                self.queue.push_front(p);
+                break;
+            }
+            self.unassigned.push_back(p);
+        }
+    }
+
+    fn start_replay(&mut self) {
+        if self.replay.is_some() || self.outstanding() > 0 {
+            return;
+        }
+        let Some(spool) = self.spool.as_mut() else {
+            return;
+        };
+        if spool.is_empty() {
+            return;
+        }
+        let peeked = match spool.peek(self.window) {
+            Ok(p) => p,
+            Err(err) => {
+                tracing::error!(connection = %self.name, "{err}");
+                return;
+            }
+        };
+        if peeked.messages.is_empty() {
+            // Only unreadable lines were left; they were logged.
+            let _ = spool.commit(peeked.end, 0);
+            return;
+        }
+        let id = self.next_batch;
+        self.next_batch += 1;
+        let count = peeked.messages.len();
+        self.batches.insert(
+            id,
+            BatchState {
+                waiter: Waiter::Spool { end: peeked.end },
+                outcome: vec![Ok(()); count],
+                remaining: count,
+            },
+        );
+        self.replay = Some(peeked.end);
+        // Replayed messages go before anything queued.
+        for (index, message) in peeked.messages.into_iter().enumerate().rev() {
+            self.queue.push_front(Pending {
+                seq: 0,
+                message,
+                batch: id,
+                index,
+            });
+        }
+    }
+
+    fn fail_all(&mut self, reason: String) {
+        self.fatal = Some(reason.clone());
+        for (_, batch) in self.batches.drain() {
+            if let Waiter::Caller(done) = batch.waiter {
+                let _ = done.send(Err(reason.clone()));
+            }
+        }
+        self.queue.clear();
+        self.unassigned.clear();
+        self.inflight.clear();
+        self.parked.clear();
+    }
+}

@@ -1,0 +1,552 @@
+//! MQTT: connections to brokers (or one embedded in runnel), the source and
+//! sink that use them, and the spool that holds messages for a broker out of
+//! reach.
+
+mod broker;
+mod conn;
+mod link;
+mod spool;
+mod topic;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub use conn::{Connection, Inbound, Subscription};
+pub use link::{Delivery, Outbound};
+pub use spool::{SpoolConfig, WhenFull};
+pub use topic::{KeyPattern, TopicTemplate};
+
+/// Default listener of the embedded broker.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:1883";
+
+/// One `[mqtt.NAME]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionConfig {
+    /// `"embedded"`, `"mqtt://host:port"` or `"mqtts://host:port"`.
+    pub broker: Spanned<String>,
+    /// Where the embedded broker listens for MQTT 3.1.1.
+    pub listen: Option<Spanned<String>>,
+    /// Where the embedded broker listens for MQTT 5, if at all.
+    pub listen_v5: Option<Spanned<String>>,
+    /// Stable across restarts, so a persistent session finds its messages.
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Start a fresh session each time instead of resuming the last one.
+    #[serde(default)]
+    pub clean_start: bool,
+    #[serde(default = "default_keep_alive_s")]
+    pub keep_alive_s: u64,
+    pub ca_file: Option<Spanned<PathBuf>>,
+    pub cert_file: Option<Spanned<PathBuf>>,
+    pub key_file: Option<Spanned<PathBuf>>,
+    /// Names of environment variables holding the user name and password,
+    /// so neither is written in the file.
+    pub username_env: Option<Spanned<String>>,
+    pub password_env: Option<Spanned<String>>,
+    /// Publishes awaiting the broker's acknowledgement at once.
+    #[serde(default = "default_inflight")]
+    pub inflight: u16,
+    /// Largest message sent or received, in KiB.
+    #[serde(default = "default_max_packet_kb")]
+    pub max_packet_kb: usize,
+    /// Store-and-forward for this broker.
+    pub spool: Option<SpoolConfig>,
+}
+
+fn default_keep_alive_s() -> u64 {
+    30
+}
+fn default_inflight() -> u16 {
+    100
+}
+fn default_max_packet_kb() -> usize {
+    1024
+}
+
+/// MQTT protocol version: `"3.1.1"` (the default) or `"5"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Protocol {
+    #[default]
+    V311,
+    V5,
+}
+
+impl<'de> Deserialize<'de> for Protocol {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(5) => Ok(Protocol::V5),
+            Raw::Int(4) => Ok(Protocol::V311),
+            Raw::Text(t) if t == "5" || t == "5.0" => Ok(Protocol::V5),
+            Raw::Text(t) if t == "3.1.1" || t == "4" => Ok(Protocol::V311),
+            Raw::Int(n) => Err(serde::de::Error::custom(format!(
+                "protocol must be \"3.1.1\" or \"5\", not {n}"
+            ))),
+            Raw::Text(t) => Err(serde::de::Error::custom(format!(
+                "protocol must be \"3.1.1\" or \"5\", not \"{t}\""
+            ))),
+        }
+    }
+}
+
+/// Where a connection goes, parsed from `broker`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerAddress {
+    Embedded,
+    Remote { host: String, port: u16, tls: bool },
+}
+
+impl BrokerAddress {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text == "embedded" {
+            return Ok(BrokerAddress::Embedded);
+        }
+        let (tls, rest) = if let Some(rest) = text.strip_prefix("mqtts://") {
+            (true, rest)
+        } else if let Some(rest) = text.strip_prefix("mqtt://") {
+            (false, rest)
+        } else if text.contains("://") {
+            return Err(format!(
+                "broker `{text}`: the scheme must be mqtt:// or mqtts://"
+            ));
+        } else {
+            (false, text)
+        };
+        let rest = rest.trim_end_matches('/');
+        let default_port = if tls { 8883 } else { 1883 };
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(']') || !port.is_empty() => {
+                let port = port
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| format!("broker `{text}`: `{port}` is not a port"))?;
+                (host, port)
+            }
+            _ => (rest, default_port),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains(['/', ' ']) {
+            return Err(format!(
+                "broker `{text}` is not `embedded`, `mqtt://host:port` or `mqtts://host:port`"
+            ));
+        }
+        Ok(BrokerAddress::Remote {
+            host: host.to_string(),
+            port,
+            tls,
+        })
+    }
+}
+
+/// A setting that cannot work, with the place in the file to point at.
+#[derive(Debug)]
+pub struct SettingError {
+    pub span: std::ops::Range<usize>,
+    pub message: String,
+}
+
+impl ConnectionConfig {
+    /// Checks what can be checked without connecting.
+    pub fn check(&self, name: &str, base_dir: &Path) -> Result<(), SettingError> {
+        let at = |span: std::ops::Range<usize>, message: String| SettingError {
+            span,
+            message: format!("mqtt.{name}: {message}"),
+        };
+        let address =
+            BrokerAddress::parse(self.broker.get_ref()).map_err(|m| at(self.broker.span(), m))?;
+        let tls = matches!(address, BrokerAddress::Remote { tls: true, .. });
+        if address != BrokerAddress::Embedded {
+            if let Some(listen) = self.listen.as_ref().or(self.listen_v5.as_ref()) {
+                return Err(at(
+                    listen.span(),
+                    "listen is for broker = \"embedded\"".into(),
+                ));
+            }
+        } else {
+            for listen in [&self.listen, &self.listen_v5].into_iter().flatten() {
+                listen.get_ref().parse::<SocketAddr>().map_err(|_| {
+                    at(
+                        listen.span(),
+                        format!(
+                            "`{}` is not an address like 127.0.0.1:1883",
+                            listen.get_ref()
+                        ),
+                    )
+                })?;
+            }
+            if self.protocol == Protocol::V5 && self.listen_v5.is_none() {
+                return Err(at(
+                    self.broker.span(),
+                    "protocol = \"5\" with the embedded broker needs listen_v5".into(),
+                ));
+            }
+        }
+        const CERT: &str = "-----BEGIN CERTIFICATE-----";
+        const KEY: &str = "PRIVATE KEY-----";
+        let files = [
+            (&self.ca_file, CERT),
+            (&self.cert_file, CERT),
+            (&self.key_file, KEY),
+        ];
+        for (file, wanted) in files {
+            let Some(file) = file else { continue };
+            if !tls {
+                return Err(at(
+                    file.span(),
+                    "certificate files need an mqtts:// broker".into(),
+                ));
+            }
+            let path = base_dir.join(file.get_ref());
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| at(file.span(), format!("cannot read {}: {e}", path.display())))?;
+            if !text.contains(wanted) {
+                return Err(at(
+                    file.span(),
+                    format!(
+                        "{} holds no PEM `{}`",
+                        path.display(),
+                        wanted.trim_matches('-')
+                    ),
+                ));
+            }
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            let span = self
+                .cert_file
+                .as_ref()
+                .or(self.key_file.as_ref())
+                .map_or(0..0, |f| f.span());
+            return Err(at(
+                span,
+                "a client certificate needs both cert_file and key_file".into(),
+            ));
+        }
+        if self.username_env.is_none() && self.password_env.is_some() {
+            let span = self.password_env.as_ref().map_or(0..0, |p| p.span());
+            return Err(at(span, "password_env needs username_env".into()));
+        }
+        if self.inflight == 0 {
+            return Err(at(self.broker.span(), "inflight must be above 0".into()));
+        }
+        if let Some(spool) = &self.spool {
+            if spool.max_mb == 0 {
+                return Err(at(
+                    self.broker.span(),
+                    "spool.max_mb must be above 0".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A source's subscription, to be made on its connection.
+pub struct SourceNeeds<'a> {
+    pub connection: &'a str,
+    pub subscription: Subscription,
+}
+
+/// Every connection of a pipeline, by name.
+#[derive(Default)]
+pub struct Connections {
+    by_name: BTreeMap<String, Arc<Connection>>,
+}
+
+impl Connections {
+    /// Starts every connection (and embedded broker) the file declares.
+    pub fn open(
+        configs: &BTreeMap<String, ConnectionConfig>,
+        pipeline_name: &str,
+        base_dir: &Path,
+        source: Option<SourceNeeds<'_>>,
+    ) -> Result<Self, String> {
+        let mut by_name = BTreeMap::new();
+        for (name, config) in configs {
+            let subscription = source
+                .as_ref()
+                .filter(|s| s.connection == name)
+                .map(|s| s.subscription.clone());
+            let conn = open_one(name, config, pipeline_name, base_dir, subscription)?;
+            by_name.insert(name.clone(), conn);
+        }
+        Ok(Connections { by_name })
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Connection>> {
+        self.by_name.get(name).cloned()
+    }
+
+    /// Resolves with the first connection's failure that retrying cannot mend.
+    pub async fn failed(&self) -> String {
+        if self.by_name.is_empty() {
+            return std::future::pending().await;
+        }
+        let waits = self
+            .by_name
+            .values()
+            .map(|c| Box::pin(async move { c.failed().await }));
+        futures_select_all(waits).await
+    }
+
+    pub async fn disconnect(&self) {
+        for conn in self.by_name.values() {
+            conn.disconnect().await;
+        }
+    }
+}
+
+/// The first of several futures to finish.
+async fn futures_select_all<F: std::future::Future<Output = String> + Unpin>(
+    futures: impl Iterator<Item = F>,
+) -> String {
+    let mut futures: Vec<F> = futures.collect();
+    std::future::poll_fn(move |cx| {
+        for f in futures.iter_mut() {
+            if let std::task::Poll::Ready(v) = std::pin::Pin::new(f).poll(cx) {
+                return std::task::Poll::Ready(v);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+fn default_client_id(pipeline: &str, connection: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
+    format!("runnel-{host}-{pipeline}-{connection}")
+}
+
+fn read_env(name: &str, connection: &str, var: &str) -> Result<String, String> {
+    std::env::var(var).map_err(|_| {
+        format!("mqtt.{connection}: {name} names the environment variable {var}, which is not set")
+    })
+}
+
+fn open_one(
+    name: &str,
+    config: &ConnectionConfig,
+    pipeline_name: &str,
+    base_dir: &Path,
+    subscription: Option<Subscription>,
+) -> Result<Arc<Connection>, String> {
+    let address = BrokerAddress::parse(config.broker.get_ref())?;
+    let (host, port, tls) = match address {
+        BrokerAddress::Embedded => {
+            let listen: SocketAddr = config
+                .listen
+                .as_ref()
+                .map_or(DEFAULT_LISTEN, |l| l.get_ref().as_str())
+                .parse()
+                .map_err(|_| format!("mqtt.{name}: bad listen address"))?;
+            let listen_v5 = match &config.listen_v5 {
+                Some(l) => Some(
+                    l.get_ref()
+                        .parse::<SocketAddr>()
+                        .map_err(|_| format!("mqtt.{name}: bad listen_v5 address"))?,
+                ),
+                None => None,
+            };
+            broker::start(listen, listen_v5).map_err(|e| format!("mqtt.{name}: {e}"))?;
+            let target = match (config.protocol, listen_v5) {
+                (Protocol::V5, Some(v5)) => v5,
+                _ => listen,
+            };
+            let host = if target.ip().is_unspecified() {
+                "127.0.0.1".to_string()
+            } else {
+                target.ip().to_string()
+            };
+            (host, target.port(), false)
+        }
+        BrokerAddress::Remote { host, port, tls } => (host, port, tls),
+    };
+    let credentials = match &config.username_env {
+        Some(user_var) => {
+            let user = read_env("username_env", name, user_var.get_ref())?;
+            let password = match &config.password_env {
+                Some(var) => read_env("password_env", name, var.get_ref())?,
+                None => String::new(),
+            };
+            Some((user, password))
+        }
+        None => None,
+    };
+    let tls = if tls {
+        let read = |file: &Option<Spanned<PathBuf>>| -> Result<Option<Vec<u8>>, String> {
+            file.as_ref()
+                .map(|f| {
+                    let path = base_dir.join(f.get_ref());
+                    std::fs::read(&path)
+                        .map_err(|e| format!("mqtt.{name}: cannot read {}: {e}", path.display()))
+                })
+                .transpose()
+        };
+        let ca = match read(&config.ca_file)? {
+            Some(ca) => ca,
+            None => system_roots().map_err(|e| format!("mqtt.{name}: no ca_file, and {e}"))?,
+        };
+        let client_auth = match (read(&config.cert_file)?, read(&config.key_file)?) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            _ => None,
+        };
+        Some(rumqttc::TlsConfiguration::Simple {
+            ca,
+            alpn: None,
+            client_auth,
+        })
+    } else {
+        None
+    };
+    let client_id = config
+        .client_id
+        .clone()
+        .unwrap_or_else(|| default_client_id(pipeline_name, name));
+    let spool = match &config.spool {
+        Some(s) => Some(
+            spool::Spool::open(&base_dir.join(&s.path), s.max_mb, s.when_full)
+                .map_err(|e| format!("mqtt.{name}: {e}"))?,
+        ),
+        None => None,
+    };
+    if let Some(spool) = &spool {
+        if !spool.is_empty() {
+            tracing::info!(
+                connection = name,
+                spooled_messages = spool.count(),
+                "messages spooled by an earlier run will be sent first"
+            );
+        }
+    }
+    let url = format!(
+        "{}://{host}:{port}",
+        if config.tls_wanted() { "mqtts" } else { "mqtt" }
+    );
+    let inflight = config.inflight;
+    let options = link::LinkOptions {
+        client_id,
+        host,
+        port,
+        keep_alive: Duration::from_secs(config.keep_alive_s.max(5)),
+        clean_start: config.clean_start,
+        credentials,
+        tls,
+        max_packet_bytes: config.max_packet_kb.saturating_mul(1024),
+        inflight,
+        request_capacity: usize::from(inflight) * 4 + 1024,
+    };
+    let (client, link) = link::connect(options, config.protocol == Protocol::V5);
+    Ok(Connection::start(
+        name.to_string(),
+        url,
+        client,
+        link,
+        subscription,
+        spool,
+        usize::from(inflight) * 2,
+    ))
+}
+
+impl ConnectionConfig {
+    fn tls_wanted(&self) -> bool {
+        matches!(
+            BrokerAddress::parse(self.broker.get_ref()),
+            Ok(BrokerAddress::Remote { tls: true, .. })
+        )
+    }
+}
+
+/// The system's CA bundle, for mqtts:// without a `ca_file`.
+fn system_roots() -> Result<Vec<u8>, String> {
+    const BUNDLES: &[&str] = &[
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+        "/etc/ssl/cert.pem",
+    ];
+    BUNDLES
+        .iter()
+        .find_map(|p| std::fs::read(p).ok())
+        .ok_or_else(|| format!("no system CA bundle in {}", BUNDLES.join(", ")))
+}
+
+/// Resolves a connection name: the one given, or the only one declared.
+pub fn pick_connection<'a>(
+    configs: &'a BTreeMap<String, ConnectionConfig>,
+    wanted: Option<&'a str>,
+) -> Result<&'a str, String> {
+    match wanted {
+        Some(name) if configs.contains_key(name) => Ok(name),
+        Some(name) => Err(format!(
+            "connection `{name}` is not declared; declared: {}",
+            declared(configs)
+        )),
+        None if configs.len() == 1 => Ok(configs.keys().next().map_or("", String::as_str)),
+        None if configs.is_empty() => {
+            Err("no [mqtt.NAME] table declares a broker to connect to".into())
+        }
+        None => Err(format!(
+            "several connections are declared ({}); say which with connection = \"NAME\"",
+            declared(configs)
+        )),
+    }
+}
+
+fn declared(configs: &BTreeMap<String, ConnectionConfig>) -> String {
+    if configs.is_empty() {
+        return "none".into();
+    }
+    configs
+        .keys()
+        .map(|k| format!("`{k}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_addresses_parse() {
+        assert_eq!(
+            BrokerAddress::parse("embedded"),
+            Ok(BrokerAddress::Embedded)
+        );
+        assert_eq!(
+            BrokerAddress::parse("mqtt://10.0.0.2:1884"),
+            Ok(BrokerAddress::Remote {
+                host: "10.0.0.2".into(),
+                port: 1884,
+                tls: false
+            })
+        );
+        assert_eq!(
+            BrokerAddress::parse("mqtts://a1-ats.iot.eu-west-1.amazonaws.com"),
+            Ok(BrokerAddress::Remote {
+                host: "a1-ats.iot.eu-west-1.amazonaws.com".into(),
+                port: 8883,
+                tls: true
+            })
+        );
+        assert!(BrokerAddress::parse("http://x").is_err());
+        assert!(BrokerAddress::parse("mqtt://x:99999").is_err());
+        assert!(BrokerAddress::parse("mqtt://").is_err());
+    }
+}

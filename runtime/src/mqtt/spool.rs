@@ -1,0 +1,358 @@
+//! Store-and-forward: messages for a broker that cannot be reached wait on
+//! disk, in order, and survive a restart.
+//!
+//! The spool is a folder with `spool.jsonl` (one message a line, appended
+//! and synced before the inputs behind them are acknowledged) and
+//! `spool.pos` (how far replay has got). A line torn by a crash is dropped
+//! on open; a message replayed but not yet recorded in `spool.pos` is sent
+//! again, which at-least-once allows.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::link::Outbound;
+
+/// What to do when the spool is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WhenFull {
+    /// Drop the oldest messages to make room, and log how many.
+    DropOldest,
+    /// Take nothing more: the pipeline stops acknowledging its inputs, so
+    /// they stay with their own broker until the spool drains.
+    RefuseNew,
+}
+
+/// The `[mqtt.NAME.spool]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// A folder, relative to the pipeline file.
+    pub path: PathBuf,
+    /// The most the spool holds, in MiB.
+    #[serde(default = "default_max_mb")]
+    pub max_mb: u64,
+    pub when_full: WhenFull,
+}
+
+fn default_max_mb() -> u64 {
+    64
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("spool is full ({max_mb} MiB) and set to refuse new messages")]
+    Full { max_mb: u64 },
+}
+
+pub struct Spool {
+    dir: PathBuf,
+    file: File,
+    /// Bytes in `spool.jsonl`.
+    len: u64,
+    /// Where the first message not yet replayed starts.
+    pos: u64,
+    /// Messages between `pos` and `len`.
+    count: u64,
+    max_bytes: u64,
+    when_full: WhenFull,
+    /// Messages dropped to make room, over the spool's life in this process.
+    pub dropped: u64,
+}
+
+/// A run of spooled messages, and where the spool stands once they are sent.
+pub struct Peeked {
+    pub messages: Vec<Outbound>,
+    pub end: u64,
+}
+
+impl Spool {
+    pub fn open(dir: &Path, max_mb: u64, when_full: WhenFull) -> Result<Self, SpoolError> {
+        let io = |source| SpoolError::Io {
+            path: dir.to_owned(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let data = dir.join("spool.jsonl");
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&data)
+            .map_err(io)?;
+        let pos = std::fs::read_to_string(dir.join("spool.pos"))
+            .ok()
+            .and_then(|text| text.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        // Count what is left, and cut a line a crash tore.
+        let mut reader = BufReader::new(File::open(&data).map_err(io)?);
+        let mut good = 0u64;
+        let mut count = 0u64;
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = reader.read_until(b'\n', &mut line).map_err(io)? as u64;
+            if n == 0 || line.last() != Some(&b'\n') {
+                break;
+            }
+            if good >= pos {
+                count += 1;
+            }
+            good += n;
+        }
+        let len = file.seek(SeekFrom::End(0)).map_err(io)?;
+        if len != good {
+            file.set_len(good).map_err(io)?;
+        }
+        let pos = pos.min(good);
+        Ok(Spool {
+            dir: dir.to_owned(),
+            file,
+            len: good,
+            pos,
+            count,
+            max_bytes: max_mb << 20,
+            when_full,
+            dropped: 0,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Messages waiting.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Bytes waiting.
+    pub fn bytes(&self) -> u64 {
+        self.len - self.pos
+    }
+
+    pub fn max_mb(&self) -> u64 {
+        self.max_bytes >> 20
+    }
+
+    fn io(&self, source: std::io::Error) -> SpoolError {
+        SpoolError::Io {
+            path: self.dir.clone(),
+            source,
+        }
+    }
+
+    /// Appends `messages` in order and syncs them to disk. When they do not
+    /// fit, drops the oldest or refuses all of them, as configured.
+    pub fn append(&mut self, messages: &[Outbound]) -> Result<(), SpoolError> {
+        let mut text = Vec::new();
+        for message in messages {
+            serde_json::to_writer(&mut text, message)
+                .map_err(|e| self.io(std::io::Error::other(e)))?;
+            text.push(b'\n');
+        }
+        let needed = text.len() as u64;
+        if self.bytes() + needed > self.max_bytes {
+            match self.when_full {
+                WhenFull::RefuseNew => {
+                    return Err(SpoolError::Full {
+                        max_mb: self.max_mb(),
+                    })
+                }
+                WhenFull::DropOldest => self.drop_oldest(needed)?,
+            }
+        }
+        self.file.write_all(&text).map_err(|e| self.io(e))?;
+        self.file.sync_data().map_err(|e| self.io(e))?;
+        self.len += needed;
+        self.count += messages.len() as u64;
+        Ok(())
+    }
+
+    /// Skips the oldest messages until `needed` more bytes fit.
+    fn drop_oldest(&mut self, needed: u64) -> Result<(), SpoolError> {
+        let mut reader = self.reader_at(self.pos)?;
+        let mut line = Vec::new();
+        while self.bytes() + needed > self.max_bytes && self.count > 0 {
+            line.clear();
+            let n = reader
+                .read_until(b'\n', &mut line)
+                .map_err(|e| self.io(e))? as u64;
+            if n == 0 {
+                break;
+            }
+            self.pos += n;
+            self.count -= 1;
+            self.dropped += 1;
+        }
+        self.save_pos()?;
+        self.compact()
+    }
+
+    fn reader_at(&self, offset: u64) -> Result<BufReader<File>, SpoolError> {
+        let mut file = File::open(self.dir.join("spool.jsonl")).map_err(|e| self.io(e))?;
+        file.seek(SeekFrom::Start(offset)).map_err(|e| self.io(e))?;
+        Ok(BufReader::new(file))
+    }
+
+    /// Up to `max` messages from the oldest on, without removing them.
+    pub fn peek(&self, max: usize) -> Result<Peeked, SpoolError> {
+        let mut reader = self.reader_at(self.pos)?;
+        let mut end = self.pos;
+        let mut messages = Vec::new();
+        let mut line = Vec::new();
+        while messages.len() < max && end < self.len {
+            line.clear();
+            let n = reader
+                .read_until(b'\n', &mut line)
+                .map_err(|e| self.io(e))? as u64;
+            if n == 0 {
+                break;
+            }
+            end += n;
+            match serde_json::from_slice::<Outbound>(&line) {
+                Ok(message) => messages.push(message),
+                Err(err) => tracing::error!(
+                    spool = %self.dir.display(),
+                    offset = end - n,
+                    "skipping a spooled message that cannot be read: {err}"
+                ),
+            }
+        }
+        Ok(Peeked { messages, end })
+    }
+
+    /// Everything before `end` was delivered.
+    pub fn commit(&mut self, end: u64, delivered: u64) -> Result<(), SpoolError> {
+        if end <= self.pos {
+            return Ok(());
+        }
+        self.pos = end.min(self.len);
+        self.count = self.count.saturating_sub(delivered);
+        if self.pos == self.len {
+            self.count = 0;
+        }
+        self.save_pos()?;
+        self.compact()
+    }
+
+    fn save_pos(&self) -> Result<(), SpoolError> {
+        let tmp = self.dir.join("spool.pos.tmp");
+        std::fs::write(&tmp, self.pos.to_string()).map_err(|e| self.io(e))?;
+        std::fs::rename(&tmp, self.dir.join("spool.pos")).map_err(|e| self.io(e))
+    }
+
+    /// Drops delivered bytes from the file once they outweigh what waits, so
+    /// the file stays near the size the spool is allowed.
+    fn compact(&mut self) -> Result<(), SpoolError> {
+        if self.pos == 0 || (self.pos < self.max_bytes / 2 && self.pos < self.len) {
+            return Ok(());
+        }
+        let data = self.dir.join("spool.jsonl");
+        let tmp = self.dir.join("spool.jsonl.tmp");
+        {
+            let mut reader = self.reader_at(self.pos)?;
+            let mut out = File::create(&tmp).map_err(|e| self.io(e))?;
+            std::io::copy(&mut reader, &mut out).map_err(|e| self.io(e))?;
+            out.sync_data().map_err(|e| self.io(e))?;
+        }
+        // The new file holds no delivered bytes, so `pos` must read 0 before
+        // the rename; a crash in between replays, never skips.
+        let old_pos = self.pos;
+        self.pos = 0;
+        self.save_pos()?;
+        std::fs::rename(&tmp, &data).map_err(|e| self.io(e))?;
+        self.file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&data)
+            .map_err(|e| self.io(e))?;
+        self.len -= old_pos;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(i: usize) -> Outbound {
+        Outbound {
+            topic: format!("t/{i}"),
+            payload: vec![b'x'; 100],
+            qos: 1,
+            retain: false,
+            properties: Vec::new(),
+        }
+    }
+
+    fn topics(p: &Peeked) -> Vec<String> {
+        p.messages.iter().map(|m| m.topic.clone()).collect()
+    }
+
+    #[test]
+    fn messages_come_back_in_order_across_a_reopen() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut spool = Spool::open(dir.path(), 1, WhenFull::RefuseNew).expect("open");
+        spool.append(&[msg(0), msg(1), msg(2)]).expect("append");
+        let first = spool.peek(2).expect("peek");
+        assert_eq!(topics(&first), ["t/0", "t/1"]);
+        spool.commit(first.end, 2).expect("commit");
+        drop(spool);
+        let mut spool = Spool::open(dir.path(), 1, WhenFull::RefuseNew).expect("reopen");
+        assert_eq!(spool.count(), 1);
+        let rest = spool.peek(10).expect("peek");
+        assert_eq!(topics(&rest), ["t/2"]);
+        spool.commit(rest.end, 1).expect("commit");
+        assert!(spool.is_empty());
+        assert_eq!(spool.bytes(), 0);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_dropped_on_open() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut spool = Spool::open(dir.path(), 1, WhenFull::RefuseNew).expect("open");
+        spool.append(&[msg(0)]).expect("append");
+        drop(spool);
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("spool.jsonl"))
+            .expect("file");
+        f.write_all(b"{\"topic\":\"t/1\",\"pay").expect("tear");
+        let spool = Spool::open(dir.path(), 1, WhenFull::RefuseNew).expect("reopen");
+        assert_eq!(spool.count(), 1);
+        assert_eq!(topics(&spool.peek(10).expect("peek")), ["t/0"]);
+    }
+
+    #[test]
+    fn full_spool_refuses_or_drops_the_oldest() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut spool = Spool::open(dir.path(), 0, WhenFull::RefuseNew).expect("open");
+        spool.max_bytes = 1000;
+        let batch: Vec<Outbound> = (0..5).map(msg).collect();
+        spool.append(&batch).expect("fits");
+        assert!(matches!(spool.append(&batch), Err(SpoolError::Full { .. })));
+        assert_eq!(spool.count(), 5);
+
+        let dir = tempfile::tempdir().expect("dir");
+        let mut spool = Spool::open(dir.path(), 0, WhenFull::DropOldest).expect("open");
+        spool.max_bytes = 1000;
+        for i in 0..12 {
+            spool.append(&[msg(i)]).expect("append");
+        }
+        assert!(spool.bytes() <= 1000);
+        assert!(spool.dropped > 0);
+        let left = spool.peek(100).expect("peek");
+        assert_eq!(left.messages.len() as u64, spool.count());
+        assert_eq!(left.messages.last().map(|m| m.topic.as_str()), Some("t/11"));
+        assert_eq!(spool.count() + spool.dropped, 12);
+    }
+}

@@ -1,0 +1,153 @@
+//! Topic patterns: the key taken from a message's topic, and the topic an
+//! output is published to.
+
+use crate::Record;
+
+/// `sensors/{key}/telemetry`: levels match literally, `+` matches any one
+/// level, `#` the rest, and `{key}` any one level, which becomes the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPattern {
+    levels: Vec<String>,
+}
+
+impl KeyPattern {
+    pub fn parse(pattern: &str) -> Result<Self, String> {
+        let levels: Vec<String> = pattern.split('/').map(str::to_string).collect();
+        let keys = levels.iter().filter(|l| *l == "{key}").count();
+        if keys != 1 {
+            return Err(format!(
+                "key pattern `{pattern}` must hold `{{key}}` exactly once, as a whole level"
+            ));
+        }
+        if let Some(i) = levels.iter().position(|l| l == "#") {
+            if i != levels.len() - 1 {
+                return Err(format!(
+                    "key pattern `{pattern}`: `#` must be the last level"
+                ));
+            }
+        }
+        Ok(KeyPattern { levels })
+    }
+
+    /// The key in `topic`, or `None` when the topic does not fit the pattern.
+    pub fn key_of<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        let mut key = None;
+        let mut parts = topic.split('/');
+        for level in &self.levels {
+            if level == "#" {
+                return key;
+            }
+            let part = parts.next()?;
+            match level.as_str() {
+                "{key}" => key = Some(part),
+                "+" => {}
+                literal if literal == part => {}
+                _ => return None,
+            }
+        }
+        if parts.next().is_some() {
+            return None;
+        }
+        key
+    }
+}
+
+/// `alerts/{key}` or `gw-7/{topic}`: the topic an output is published to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicTemplate {
+    text: String,
+}
+
+impl TopicTemplate {
+    pub fn parse(template: &str) -> Result<Self, String> {
+        if template.is_empty() {
+            return Err("topic template is empty".into());
+        }
+        if template.contains(['+', '#']) {
+            return Err(format!(
+                "topic template `{template}` holds a wildcard; a message is published to one topic"
+            ));
+        }
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| format!("topic template `{template}`: `{{` without `}}`"))?;
+            let name = &rest[open + 1..open + close];
+            if !matches!(name, "key" | "topic") {
+                return Err(format!(
+                    "topic template `{template}`: unknown placeholder `{{{name}}}` (use {{key}} or {{topic}})"
+                ));
+            }
+            rest = &rest[open + close + 1..];
+        }
+        Ok(TopicTemplate {
+            text: template.to_string(),
+        })
+    }
+
+    /// The topic for `record`, or why there is none (the record lacks what
+    /// the template names).
+    pub fn render(&self, record: &Record) -> Result<String, String> {
+        let mut topic = self.text.clone();
+        if topic.contains("{key}") {
+            let key = record
+                .key
+                .as_deref()
+                .filter(|k| !k.is_empty())
+                .ok_or_else(|| format!("the record has no key for topic `{}`", self.text))?;
+            topic = topic.replace("{key}", key);
+        }
+        if topic.contains("{topic}") {
+            let own = record
+                .topic
+                .as_deref()
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| format!("the record has no topic for topic `{}`", self.text))?;
+            topic = topic.replace("{topic}", own);
+        }
+        if topic.contains(['+', '#', '\0']) {
+            return Err(format!("`{topic}` is not a topic one can publish to"));
+        }
+        Ok(topic)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_comes_from_its_level() {
+        let p = KeyPattern::parse("sensors/{key}/telemetry").expect("pattern");
+        assert_eq!(p.key_of("sensors/dev-1/telemetry"), Some("dev-1"));
+        assert_eq!(p.key_of("sensors/dev-1/status"), None);
+        assert_eq!(p.key_of("sensors/dev-1"), None);
+        assert_eq!(p.key_of("sensors/dev-1/telemetry/x"), None);
+        let p = KeyPattern::parse("+/{key}/#").expect("pattern");
+        assert_eq!(p.key_of("site-a/dev-9/a/b"), Some("dev-9"));
+    }
+
+    #[test]
+    fn bad_key_patterns_say_why() {
+        assert!(KeyPattern::parse("sensors/+/telemetry").is_err());
+        assert!(KeyPattern::parse("{key}/{key}").is_err());
+        assert!(KeyPattern::parse("a/#/{key}").is_err());
+    }
+
+    #[test]
+    fn templates_fill_key_and_topic() {
+        let mut r = Record::new("x");
+        r.key = Some("dev-1".into());
+        r.topic = Some("sensors/dev-1/telemetry".into());
+        let t = TopicTemplate::parse("alerts/{key}").expect("template");
+        assert_eq!(t.render(&r).expect("topic"), "alerts/dev-1");
+        let t = TopicTemplate::parse("gw/{topic}").expect("template");
+        assert_eq!(t.render(&r).expect("topic"), "gw/sensors/dev-1/telemetry");
+        r.key = None;
+        let t = TopicTemplate::parse("alerts/{key}").expect("template");
+        assert!(t.render(&r).is_err());
+        assert!(TopicTemplate::parse("alerts/+").is_err());
+        assert!(TopicTemplate::parse("alerts/{device}").is_err());
+    }
+}
