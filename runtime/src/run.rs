@@ -147,11 +147,16 @@ pub async fn run(
             connection: connection.unwrap_or_default(),
             subscription,
         });
+    let publishing: Vec<&str> = std::iter::once(&pipeline.file.sink)
+        .chain(pipeline.file.dead_letter.as_ref())
+        .filter_map(|sink| sink.mqtt_connection().flatten())
+        .collect();
     let connections = Connections::open(
         &pipeline.file.mqtt,
         &pipeline.file.pipeline.name,
         base,
         needs,
+        &publishing,
     )
     .map_err(|message| anyhow::anyhow!("{}: {message}", pipeline.path.display()))?;
     let source = pipeline.file.source.open(base, &connections).await?;

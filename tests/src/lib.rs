@@ -1,6 +1,8 @@
 //! Shared by the end-to-end tests and the benchmarks: where the example
 //! stages were built, and a way to run the real `runnel` binary.
 
+pub mod mqtt;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -149,4 +151,12 @@ pub fn summary_numbers(summary: &str) -> Vec<u64> {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse().expect("digits"))
         .collect()
+}
+
+/// A number no other call in this process returns, for client ids and file
+/// names.
+pub fn unique() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{n}", std::process::id())
 }

@@ -245,7 +245,17 @@ impl Poller {
                     // Nobody reads when no source uses this connection.
                     let _ = self.inbound.send(inbound);
                 }
-                Ok(LinkEvent::SubscribeRefused(refused)) if !refused.is_empty() => {
+                Ok(LinkEvent::Subscribed { refused }) if refused.is_empty() => {
+                    if let Some(sub) = &self.subscription {
+                        tracing::info!(
+                            connection = %self.name,
+                            filters = %sub.filters.join(", "),
+                            qos = sub.qos,
+                            "subscribed"
+                        );
+                    }
+                }
+                Ok(LinkEvent::Subscribed { refused }) => {
                     let filters: Vec<&str> = refused
                         .iter()
                         .filter_map(|&i| {
@@ -264,7 +274,7 @@ impl Poller {
                     self.fail(reason);
                     return;
                 }
-                Ok(LinkEvent::Other | LinkEvent::SubscribeRefused(_)) => {}
+                Ok(LinkEvent::Other) => {}
                 Ok(event) => {
                     if self.notes.send(Note::Link(event)).is_err() {
                         return;

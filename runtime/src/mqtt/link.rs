@@ -38,8 +38,10 @@ pub enum LinkEvent {
     AwaitingId(u16),
     /// The broker took the publish with this packet id, or refused it.
     Acked(u16, Result<(), String>),
-    /// Topic filters the broker refused.
-    SubscribeRefused(Vec<usize>),
+    /// The broker answered a subscription; these filters it refused.
+    Subscribed {
+        refused: Vec<usize>,
+    },
     Other,
 }
 
@@ -96,6 +98,7 @@ fn qos5(level: u8) -> m5::mqttbytes::QoS {
 }
 
 /// Settings both protocols share.
+#[derive(Clone)]
 pub struct LinkOptions {
     pub client_id: String,
     pub host: String,
@@ -274,14 +277,15 @@ fn event_v4(event: rumqttc::Event) -> LinkEvent {
             delivery: (p.qos != QoS::AtMostOnce).then(|| Delivery::V4(p)),
         })),
         Event::Incoming(Packet::PubAck(ack)) => LinkEvent::Acked(ack.pkid, Ok(())),
-        Event::Incoming(Packet::SubAck(ack)) => LinkEvent::SubscribeRefused(
-            ack.return_codes
+        Event::Incoming(Packet::SubAck(ack)) => LinkEvent::Subscribed {
+            refused: ack
+                .return_codes
                 .iter()
                 .enumerate()
                 .filter(|(_, c)| matches!(c, rumqttc::SubscribeReasonCode::Failure))
                 .map(|(i, _)| i)
                 .collect(),
-        ),
+        },
         Event::Outgoing(out) => outgoing(out),
         Event::Incoming(_) => LinkEvent::Other,
     }
@@ -317,14 +321,15 @@ fn event_v5(event: m5::Event) -> LinkEvent {
             };
             LinkEvent::Acked(ack.pkid, result)
         }
-        Event::Incoming(Packet::SubAck(ack)) => LinkEvent::SubscribeRefused(
-            ack.return_codes
+        Event::Incoming(Packet::SubAck(ack)) => LinkEvent::Subscribed {
+            refused: ack
+                .return_codes
                 .iter()
                 .enumerate()
                 .filter(|(_, c)| !matches!(c, SubscribeReasonCode::Success(_)))
                 .map(|(i, _)| i)
                 .collect(),
-        ),
+        },
         Event::Outgoing(out) => outgoing(out),
         Event::Incoming(_) => LinkEvent::Other,
     }

@@ -260,50 +260,82 @@ pub struct SourceNeeds<'a> {
     pub subscription: Subscription,
 }
 
-/// Every connection of a pipeline, by name.
+/// Every connection of a pipeline, by name and role.
+///
+/// A `[mqtt.NAME]` that both feeds the source and takes outputs opens two
+/// client connections: one subscribes, one publishes. On one connection the
+/// two wait on each other (inputs are acknowledged only after their outputs
+/// are), and a broker that holds back a client's acknowledgements while
+/// deliveries to it are unacknowledged (rumqttd does) would stall both.
 #[derive(Default)]
 pub struct Connections {
-    by_name: BTreeMap<String, Arc<Connection>>,
+    subscribers: BTreeMap<String, Arc<Connection>>,
+    publishers: BTreeMap<String, Arc<Connection>>,
 }
 
 impl Connections {
-    /// Starts every connection (and embedded broker) the file declares.
+    /// Starts every connection (and embedded broker) the file declares;
+    /// `publishing` names those a sink or the dead letter publishes on.
     pub fn open(
         configs: &BTreeMap<String, ConnectionConfig>,
         pipeline_name: &str,
         base_dir: &Path,
         source: Option<SourceNeeds<'_>>,
+        publishing: &[&str],
     ) -> Result<Self, String> {
-        let mut by_name = BTreeMap::new();
+        let mut connections = Connections::default();
         for (name, config) in configs {
             let subscription = source
                 .as_ref()
                 .filter(|s| s.connection == name)
                 .map(|s| s.subscription.clone());
-            let conn = open_one(name, config, pipeline_name, base_dir, subscription)?;
-            by_name.insert(name.clone(), conn);
+            let publishes = publishing.contains(&name.as_str());
+            let (subscriber, publisher) = open_one(
+                name,
+                config,
+                pipeline_name,
+                base_dir,
+                subscription,
+                publishes,
+            )?;
+            if let Some(conn) = subscriber {
+                connections.subscribers.insert(name.clone(), conn);
+            }
+            if let Some(conn) = publisher {
+                connections.publishers.insert(name.clone(), conn);
+            }
         }
-        Ok(Connections { by_name })
+        Ok(connections)
     }
 
-    pub fn get(&self, name: &str) -> Option<Arc<Connection>> {
-        self.by_name.get(name).cloned()
+    /// The connection a source reads `name`'s messages from.
+    pub fn subscriber(&self, name: &str) -> Option<Arc<Connection>> {
+        self.subscribers.get(name).cloned()
+    }
+
+    /// The connection sinks publish to `name` on.
+    pub fn publisher(&self, name: &str) -> Option<Arc<Connection>> {
+        self.publishers.get(name).cloned()
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Arc<Connection>> {
+        self.subscribers.values().chain(self.publishers.values())
     }
 
     /// Resolves with the first connection's failure that retrying cannot mend.
     pub async fn failed(&self) -> String {
-        if self.by_name.is_empty() {
+        let waits: Vec<_> = self
+            .all()
+            .map(|c| Box::pin(async move { c.failed().await }))
+            .collect();
+        if waits.is_empty() {
             return std::future::pending().await;
         }
-        let waits = self
-            .by_name
-            .values()
-            .map(|c| Box::pin(async move { c.failed().await }));
-        futures_select_all(waits).await
+        futures_select_all(waits.into_iter()).await
     }
 
     pub async fn disconnect(&self) {
-        for conn in self.by_name.values() {
+        for conn in self.all() {
             conn.disconnect().await;
         }
     }
@@ -340,13 +372,17 @@ fn read_env(name: &str, connection: &str, var: &str) -> Result<String, String> {
     })
 }
 
+/// A connection's subscribing and publishing clients, where used.
+type Roles = (Option<Arc<Connection>>, Option<Arc<Connection>>);
+
 fn open_one(
     name: &str,
     config: &ConnectionConfig,
     pipeline_name: &str,
     base_dir: &Path,
     subscription: Option<Subscription>,
-) -> Result<Arc<Connection>, String> {
+    publishes: bool,
+) -> Result<Roles, String> {
     let address = BrokerAddress::parse(config.broker.get_ref())?;
     let (host, port, tls) = match address {
         BrokerAddress::Embedded => {
@@ -419,7 +455,7 @@ fn open_one(
         .client_id
         .clone()
         .unwrap_or_else(|| default_client_id(pipeline_name, name));
-    let spool = match &config.spool {
+    let spool = match config.spool.as_ref().filter(|_| publishes) {
         Some(s) => Some(
             spool::Spool::open(&base_dir.join(&s.path), s.max_mb, s.when_full)
                 .map_err(|e| format!("mqtt.{name}: {e}"))?,
@@ -452,16 +488,30 @@ fn open_one(
         inflight,
         request_capacity: usize::from(inflight) * 4 + 1024,
     };
-    let (client, link) = link::connect(options, config.protocol == Protocol::V5);
-    Ok(Connection::start(
-        name.to_string(),
-        url,
-        client,
-        link,
-        subscription,
-        spool,
-        usize::from(inflight) * 2,
-    ))
+    let v5 = config.protocol == Protocol::V5;
+    let window = usize::from(inflight) * 2;
+    let both = subscription.is_some() && publishes;
+    let subscriber = subscription.map(|subscription| {
+        let (client, link) = link::connect(options.clone(), v5);
+        Connection::start(
+            name.to_string(),
+            url.clone(),
+            client,
+            link,
+            Some(subscription),
+            None,
+            window,
+        )
+    });
+    let publisher = publishes.then(|| {
+        let mut options = options;
+        if both {
+            options.client_id.push_str("-pub");
+        }
+        let (client, link) = link::connect(options, v5);
+        Connection::start(name.to_string(), url, client, link, None, spool, window)
+    });
+    Ok((subscriber, publisher))
 }
 
 impl ConnectionConfig {

@@ -76,7 +76,7 @@ impl SinkConfig {
                     reason,
                 };
                 let conn = connections
-                    .get(name)
+                    .publisher(name)
                     .ok_or_else(|| broker("not declared".into()))?;
                 let template = topic_template(topic.as_deref()).map_err(broker)?;
                 Box::new(MqttSink::new(conn, template, *qos, *retain))

@@ -68,10 +68,12 @@ impl SourceConfig {
                 ..
             } => {
                 let name = connection.as_deref().unwrap_or_default();
-                let conn = connections.get(name).ok_or_else(|| SourceError::Broker {
-                    connection: name.to_string(),
-                    reason: "not declared".into(),
-                })?;
+                let conn = connections
+                    .subscriber(name)
+                    .ok_or_else(|| SourceError::Broker {
+                        connection: name.to_string(),
+                        reason: "not declared".into(),
+                    })?;
                 let key = key
                     .as_deref()
                     .map(KeyPattern::parse)

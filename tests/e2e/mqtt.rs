@@ -1,0 +1,415 @@
+//! runnel against real brokers: mosquitto on a loopback port, and the
+//! broker embedded in runnel. Every reading is accounted for through a
+//! SIGKILL, a broker restart and an upstream outage.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use runnel_tests::mqtt::{by_topic, free_port, publish_all, Background, Collector, Mosquitto};
+use runnel_tests::{read_json_lines, stage, summary_numbers, unique};
+
+const BIN: &str = env!("CARGO_BIN_EXE_runnel");
+const STARTUP: Duration = Duration::from_secs(90);
+const DELIVERY: Duration = Duration::from_secs(60);
+
+/// `count` readings `{"n":i}` from ten devices, starting at `first`.
+fn readings(first: usize, count: usize) -> Vec<(String, Vec<u8>)> {
+    (first..first + count)
+        .map(|n| {
+            (
+                format!("sensors/dev-{}/telemetry", n % 10),
+                format!("{{\"n\":{n}}}").into_bytes(),
+            )
+        })
+        .collect()
+}
+
+/// The `n` of every payload that holds one.
+fn numbers(messages: &[(String, Vec<u8>)]) -> Vec<u64> {
+    messages
+        .iter()
+        .filter_map(|(_, p)| serde_json::from_slice::<serde_json::Value>(p).ok())
+        .filter_map(|v| v["n"].as_u64())
+        .collect()
+}
+
+fn distinct(messages: &[(String, Vec<u8>)]) -> BTreeSet<u64> {
+    numbers(messages).into_iter().collect()
+}
+
+/// A pipeline from MQTT through the `faults` stage (which passes readings
+/// through and rejects the payload `reject`) to `out/{key}`, dead letters to
+/// `dead/{key}`, on one connection described by `connection`.
+fn pipeline(dir: &Path, connection: &str) {
+    let text = format!(
+        r#"
+[pipeline]
+name = "mqtt-test"
+batch_size = 32
+
+[mqtt.local]
+{connection}
+
+[source]
+type = "mqtt"
+topics = ["sensors/+/telemetry"]
+qos = 1
+key = "sensors/{{key}}/telemetry"
+
+[[stage]]
+name = "faults"
+wasm = {:?}
+
+[sink]
+type = "mqtt"
+topic = "out/{{key}}"
+qos = 1
+
+[dead_letter]
+type = "mqtt"
+topic = "dead/{{key}}"
+qos = 1
+"#,
+        stage("faults").display().to_string()
+    );
+    std::fs::write(dir.join("p.toml"), text).expect("write pipeline");
+}
+
+fn start(dir: &Path) -> Background {
+    let mut runnel = Background::start(Path::new(BIN), dir, &["run", "p.toml"], &[]);
+    runnel.wait_for_log("subscribed", STARTUP);
+    runnel
+}
+
+fn persistent(url: &str) -> String {
+    format!("broker = \"{url}\"\nclient_id = \"runnel-{}\"\n", unique())
+}
+
+#[test]
+fn every_reading_through_mosquitto_is_delivered_and_bad_ones_are_dead_lettered() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broker = Mosquitto::start(&dir.path().join("broker"), free_port());
+    let collector = Collector::start(broker.port, &["out/#", "dead/#"]);
+    pipeline(dir.path(), &persistent(&broker.url()));
+    let runnel = start(dir.path());
+
+    let mut messages = readings(0, 1000);
+    for i in 0..5 {
+        messages.insert(
+            i * 150,
+            ("sensors/dev-3/telemetry".into(), b"reject".to_vec()),
+        );
+    }
+    publish_all(broker.port, &messages);
+    let got = collector.wait_until(DELIVERY, |got| {
+        distinct(got).len() == 1000 && by_topic(got).get("dead/dev-3").map_or(0, Vec::len) >= 5
+    });
+    let run = runnel.stop();
+
+    assert_eq!(distinct(&got), (0..1000).collect(), "{}", run.stderr);
+    for (topic, payload) in &got {
+        if let Some(n) = serde_json::from_slice::<serde_json::Value>(payload)
+            .ok()
+            .and_then(|v| v["n"].as_u64())
+        {
+            assert_eq!(topic, &format!("out/dev-{}", n % 10), "key from the topic");
+        }
+    }
+    let dead = by_topic(&got).remove("dead/dev-3").unwrap_or_default();
+    assert_eq!(dead.len(), 5, "{dead:?}");
+    for entry in &dead {
+        let entry: serde_json::Value = serde_json::from_str(entry).expect("JSON entry");
+        assert_eq!(entry["stage"], "faults");
+        assert_eq!(entry["reason"], "asked to reject");
+        assert_eq!(entry["record"]["topic"], "sensors/dev-3/telemetry");
+    }
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let n = summary_numbers(run.summary());
+    assert_eq!(&n[..4], &[1005, 1000, 0, 5], "{}", run.summary());
+}
+
+#[test]
+fn the_embedded_broker_carries_a_pipeline_end_to_end() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    pipeline(
+        dir.path(),
+        &format!("broker = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    let runnel = start(dir.path());
+    let collector = Collector::start(port, &["out/#"]);
+    publish_all(port, &readings(0, 500));
+    let got = collector.wait_until(DELIVERY, |got| distinct(got).len() == 500);
+    let run = runnel.stop();
+    assert_eq!(distinct(&got), (0..500).collect(), "{}", run.stderr);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("embedded broker started"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn mqtt5_user_properties_become_headers() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broker = Mosquitto::start(&dir.path().join("broker"), free_port());
+    let text = format!(
+        r#"
+[mqtt.local]
+broker = "{}"
+protocol = "5"
+[source]
+type = "mqtt"
+topics = ["sensors/#"]
+[[stage]]
+name = "faults"
+wasm = {:?}
+[sink]
+type = "file"
+path = "out.jsonl"
+"#,
+        broker.url(),
+        stage("faults").display().to_string()
+    );
+    std::fs::write(dir.path().join("p.toml"), text).expect("write pipeline");
+    let runnel = start(dir.path());
+    let status = std::process::Command::new("mosquitto_pub")
+        .args(["-V", "5", "-p", &broker.port.to_string(), "-q", "1"])
+        .args(["-t", "sensors/dev-1/telemetry", "-m", "{\"n\":1}"])
+        .args(["-D", "publish", "user-property", "site", "plant-a"])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(status.success());
+    let out = dir.path().join("out.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::metadata(&out).map_or(0, |m| m.len()) == 0 && started.elapsed() < DELIVERY {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let run = runnel.stop();
+    let records = read_json_lines(&out);
+    assert_eq!(records.len(), 1, "{}", run.stderr);
+    assert_eq!(records[0]["topic"], "sensors/dev-1/telemetry");
+    assert_eq!(records[0]["headers"]["site"], "plant-a", "{:?}", records[0]);
+    assert_eq!(records[0]["payload"]["n"], 1);
+}
+
+#[test]
+fn sigkill_mid_stream_then_restart_loses_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broker = Mosquitto::start(&dir.path().join("broker"), free_port());
+    let collector = Collector::start(broker.port, &["out/#"]);
+    pipeline(dir.path(), &persistent(&broker.url()));
+    let runnel = start(dir.path());
+
+    let port = broker.port;
+    let publisher = std::thread::spawn(move || {
+        for chunk in 0..30 {
+            publish_all(port, &readings(chunk * 100, 100));
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    });
+    collector.wait_until(DELIVERY, |got| distinct(got).len() >= 300);
+    runnel.kill();
+    let before_restart = distinct(&collector.received()).len();
+    let runnel = start(dir.path());
+    publisher.join().expect("publisher");
+    let got = collector.wait_until(DELIVERY, |got| distinct(got).len() == 3000);
+    let run = runnel.stop();
+    assert!(
+        before_restart < 3000,
+        "the kill came after the stream ended"
+    );
+    assert_eq!(distinct(&got), (0..3000).collect(), "{}", run.stderr);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+}
+
+#[test]
+fn a_broker_restart_mid_stream_loses_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut broker = Mosquitto::start(&dir.path().join("broker"), free_port());
+    let collector = Collector::start(broker.port, &["out/#"]);
+    pipeline(dir.path(), &persistent(&broker.url()));
+    let mut runnel = start(dir.path());
+
+    publish_all(broker.port, &readings(0, 2000));
+    broker.restart();
+    publish_all(broker.port, &readings(2000, 1000));
+    let got = collector.wait_until(DELIVERY, |got| distinct(got).len() == 3000);
+    runnel.wait_for_log("reconnected", Duration::from_secs(5));
+    let run = runnel.stop();
+    assert_eq!(distinct(&got), (0..3000).collect(), "{}", run.stderr);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+}
+
+#[test]
+fn outputs_for_an_unreachable_upstream_are_spooled_and_replayed_in_order() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let local = free_port();
+    let upstream_port = free_port();
+    let text = format!(
+        r#"
+[pipeline]
+batch_size = 16
+
+[mqtt.local]
+broker = "embedded"
+listen = "127.0.0.1:{local}"
+client_id = "runnel-spool-local"
+
+[mqtt.upstream]
+broker = "mqtt://127.0.0.1:{upstream_port}"
+client_id = "runnel-spool-upstream"
+[mqtt.upstream.spool]
+path = "spool"
+max_mb = 4
+when_full = "refuse-new"
+
+[source]
+type = "mqtt"
+connection = "local"
+topics = ["sensors/+/telemetry"]
+key = "sensors/{{key}}/telemetry"
+
+[[stage]]
+name = "faults"
+wasm = {:?}
+
+[sink]
+type = "mqtt"
+connection = "upstream"
+topic = "up/{{key}}"
+"#,
+        stage("faults").display().to_string()
+    );
+    std::fs::write(dir.path().join("p.toml"), text).expect("write pipeline");
+    let one_device = |first: usize| -> Vec<(String, Vec<u8>)> {
+        (first..first + 100)
+            .map(|n| {
+                (
+                    "sensors/dev-1/telemetry".into(),
+                    format!("{{\"n\":{n}}}").into_bytes(),
+                )
+            })
+            .collect()
+    };
+    let spooled = || {
+        std::fs::read_to_string(dir.path().join("spool/spool.jsonl"))
+            .map_or(0, |t| t.lines().count())
+    };
+
+    // Upstream down: outputs go to the spool, and survive a restart.
+    let mut runnel = start(dir.path());
+    publish_all(local, &one_device(0));
+    let started = std::time::Instant::now();
+    while spooled() < 100 && started.elapsed() < DELIVERY {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    runnel.wait_for_log("messages are spooled", Duration::from_secs(10));
+    let run = runnel.stop();
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert_eq!(spooled(), 100, "{}", run.stderr);
+
+    // Upstream back: the spool drains first, then new outputs follow.
+    let broker = Mosquitto::start(&dir.path().join("upstream"), upstream_port);
+    let collector = Collector::start(upstream_port, &["up/#"]);
+    let mut runnel = start(dir.path());
+    publish_all(local, &one_device(100));
+    let got = collector.wait_until(DELIVERY, |got| distinct(got).len() == 200);
+    runnel.wait_for_log("spool drained", Duration::from_secs(10));
+    let run = runnel.stop();
+    drop(broker);
+
+    let mut first_seen = Vec::new();
+    for n in numbers(&got) {
+        if !first_seen.contains(&n) {
+            first_seen.push(n);
+        }
+    }
+    assert_eq!(first_seen, (0..200).collect::<Vec<u64>>(), "{}", run.stderr);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+}
+
+#[test]
+fn refused_credentials_stop_the_run_with_a_clear_error_and_no_password_in_the_log() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broker_dir = dir.path().join("broker");
+    std::fs::create_dir_all(&broker_dir).expect("broker dir");
+    let passwords = broker_dir.join("passwords");
+    let made = std::process::Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&passwords)
+        .args(["gateway", "right-secret"])
+        .status()
+        .expect("mosquitto_passwd");
+    assert!(made.success());
+    let broker = Mosquitto::start_with(
+        &broker_dir,
+        free_port(),
+        &format!(
+            "allow_anonymous false\npassword_file {}",
+            passwords.display()
+        ),
+    );
+    pipeline(
+        dir.path(),
+        &format!(
+            "{}username_env = \"TEST_MQTT_USER\"\npassword_env = \"TEST_MQTT_PASSWORD\"\n",
+            persistent(&broker.url())
+        ),
+    );
+    let runnel = Background::start(
+        Path::new(BIN),
+        dir.path(),
+        &["run", "p.toml"],
+        &[
+            ("TEST_MQTT_USER", "gateway"),
+            ("TEST_MQTT_PASSWORD", "wrong-secret"),
+        ],
+    );
+    let run = runnel.finish();
+    assert_eq!(run.status, Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("connection `local`")
+            && (run.stderr.contains("BadUserNamePassword") || run.stderr.contains("NotAuthorized")),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("wrong-secret"), "{}", run.stderr);
+}
+
+#[test]
+fn an_unreachable_broker_is_retried_and_said_so() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    pipeline(
+        dir.path(),
+        &persistent(&format!("mqtt://127.0.0.1:{}", free_port())),
+    );
+    let mut runnel = Background::start(Path::new(BIN), dir.path(), &["run", "p.toml"], &[]);
+    runnel.wait_for_log("retry_in_ms", STARTUP);
+    let run = runnel.stop();
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("connection `local` (mqtt://127.0.0.1:")
+            && run.stderr.contains("Connection refused"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn a_missing_credential_variable_is_named() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    pipeline(
+        dir.path(),
+        "broker = \"mqtt://127.0.0.1:1\"\nusername_env = \"TEST_MQTT_NOBODY_SET_THIS\"\n",
+    );
+    let run = Background::start(Path::new(BIN), dir.path(), &["run", "p.toml"], &[]).finish();
+    assert_eq!(run.status, Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("mqtt.local: username_env names the environment variable TEST_MQTT_NOBODY_SET_THIS, which is not set"),
+        "{}",
+        run.stderr
+    );
+}
