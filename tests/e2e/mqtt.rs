@@ -413,3 +413,191 @@ fn a_missing_credential_variable_is_named() {
         run.stderr
     );
 }
+
+#[test]
+fn two_instances_split_a_shared_subscription() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broker = Mosquitto::start(&dir.path().join("broker"), free_port());
+    let collector = Collector::start(broker.port, &["out/#"]);
+    let mut instances = Vec::new();
+    for name in ["a", "b"] {
+        let sub = dir.path().join(name);
+        std::fs::create_dir_all(&sub).expect("instance dir");
+        pipeline(&sub, &persistent(&broker.url()));
+        let text = std::fs::read_to_string(sub.join("p.toml")).expect("pipeline");
+        let text = text.replace(
+            "topics = [\"sensors/+/telemetry\"]",
+            "topics = [\"$share/gateways/sensors/+/telemetry\"]",
+        );
+        std::fs::write(sub.join("p.toml"), text).expect("pipeline");
+        instances.push(start(&sub));
+    }
+    publish_all(broker.port, &readings(0, 1000));
+    let got = collector.wait_until(DELIVERY, |got| distinct(got).len() == 1000);
+    let runs: Vec<_> = instances.into_iter().map(Background::stop).collect();
+    assert_eq!(distinct(&got), (0..1000).collect());
+    let inputs: Vec<u64> = runs
+        .iter()
+        .map(|r| summary_numbers(r.summary())[0])
+        .collect();
+    assert_eq!(
+        inputs.iter().sum::<u64>(),
+        1000,
+        "each reading went to one instance"
+    );
+    assert!(
+        inputs.iter().all(|&n| n > 0),
+        "both instances took a share: {inputs:?}"
+    );
+}
+
+/// A CA, and a certificate it signed for `localhost` (server) or a client.
+fn make_certificates(dir: &Path, ca: &str, leaves: &[&str]) {
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (installed by scripts/setup)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ca_key = format!("{ca}.key");
+    let ca_crt = format!("{ca}.crt");
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        &format!("/CN={ca}"),
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca_crt,
+    ]);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .expect("ext");
+    for leaf in leaves {
+        let key = format!("{leaf}.key");
+        let csr = format!("{leaf}.csr");
+        let crt = format!("{leaf}.crt");
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_crt,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            &crt,
+        ]);
+    }
+}
+
+/// mosquitto with a plain listener (for the test's collector) and a TLS one
+/// that wants a client certificate, as AWS IoT Core does.
+fn tls_broker(dir: &Path) -> (Mosquitto, u16) {
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs).expect("certs dir");
+    make_certificates(&certs, "ca", &["server", "device"]);
+    make_certificates(&certs, "other-ca", &[]);
+    let tls_port = free_port();
+    let broker = Mosquitto::start_with(
+        &dir.join("broker"),
+        free_port(),
+        &format!(
+            "allow_anonymous true\n\
+             listener {tls_port} 127.0.0.1\n\
+             cafile {c}/ca.crt\ncertfile {c}/server.crt\nkeyfile {c}/server.key\n\
+             require_certificate true",
+            c = certs.display()
+        ),
+    );
+    runnel_tests::mqtt::wait_for_port(tls_port);
+    (broker, tls_port)
+}
+
+fn tls_pipeline(dir: &Path, tls_port: u16, ca: &str) {
+    std::fs::write(dir.join("in.txt"), "{\"n\":1}\n{\"n\":2}\n{\"n\":3}\n").expect("input");
+    let text = format!(
+        r#"
+[mqtt.upstream]
+broker = "mqtts://localhost:{tls_port}"
+ca_file = "certs/{ca}.crt"
+cert_file = "certs/device.crt"
+key_file = "certs/device.key"
+
+[source]
+type = "file"
+path = "in.txt"
+
+[[stage]]
+name = "faults"
+wasm = {:?}
+
+[sink]
+type = "mqtt"
+topic = "up/gw"
+"#,
+        stage("faults").display().to_string()
+    );
+    std::fs::write(dir.join("p.toml"), text).expect("write pipeline");
+}
+
+#[test]
+fn outputs_reach_a_tls_broker_with_a_client_certificate() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (broker, tls_port) = tls_broker(dir.path());
+    let collector = Collector::start(broker.port, &["up/#"]);
+    tls_pipeline(dir.path(), tls_port, "ca");
+    let run = Background::start(Path::new(BIN), dir.path(), &["run", "p.toml"], &[]).finish();
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let got = collector.wait_until(DELIVERY, |got| distinct(got).len() == 3);
+    assert_eq!(distinct(&got), (1..=3).collect(), "{}", run.stderr);
+    assert!(run.stderr.contains("mqtts://localhost:"), "{}", run.stderr);
+}
+
+#[test]
+fn a_broker_certificate_from_another_ca_stops_the_run_with_a_clear_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_broker, tls_port) = tls_broker(dir.path());
+    tls_pipeline(dir.path(), tls_port, "other-ca");
+    let run = Background::start(Path::new(BIN), dir.path(), &["run", "p.toml"], &[]).finish();
+    assert_eq!(run.status, Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("connection `upstream` (mqtts://localhost:")
+            && run.stderr.to_lowercase().contains("certificate"),
+        "{}",
+        run.stderr
+    );
+}
