@@ -284,6 +284,9 @@ impl Connections {
         publishing: &[&str],
     ) -> Result<Self, String> {
         let mut connections = Connections::default();
+        // rustls takes its crypto from a process-wide provider; an error
+        // only says one is already installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         for (name, config) in configs {
             let subscription = source
                 .as_ref()
