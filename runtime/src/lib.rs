@@ -20,6 +20,7 @@ pub mod chain;
 pub mod codec;
 pub mod config;
 pub mod deadletter;
+pub mod lambda;
 pub mod mqtt;
 mod record;
 pub mod run;

@@ -17,9 +17,10 @@ const EXIT_FAILED: u8 = 1;
 #[derive(Parser)]
 #[command(name = "runnel", version, about, propagate_version = true)]
 struct Cli {
-    /// Log format on stderr; RUST_LOG filters what is logged (default: info).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    /// Log format on stderr (default: text, JSON under Lambda); RUST_LOG
+    /// filters what is logged (default: info).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
 
     #[command(subcommand)]
     command: Command,
@@ -48,11 +49,46 @@ enum Command {
         /// The pipeline file (TOML).
         pipeline: PathBuf,
     },
+    /// Serves AWS Lambda invocations with a pipeline whose source is
+    /// `type = "lambda"`. Started with no arguments where the Lambda Runtime
+    /// API is set (as `bootstrap`), runnel does this by itself.
+    Lambda {
+        /// The pipeline file; default $RUNNEL_PIPELINE, else
+        /// $LAMBDA_TASK_ROOT/pipeline.toml, else ./pipeline.toml.
+        pipeline: Option<PathBuf>,
+    },
+}
+
+/// The pipeline of Lambda mode when none is named.
+fn lambda_pipeline() -> PathBuf {
+    if let Some(path) = std::env::var_os("RUNNEL_PIPELINE") {
+        return PathBuf::from(path);
+    }
+    let root =
+        std::env::var_os("LAMBDA_TASK_ROOT").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    root.join("pipeline.toml")
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    // As a Lambda function's `bootstrap`, runnel is started with no arguments.
+    let as_bootstrap =
+        std::env::args_os().len() == 1 && std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some();
+    let cli = if as_bootstrap {
+        Cli {
+            log_format: None,
+            command: Command::Lambda { pipeline: None },
+        }
+    } else {
+        Cli::parse()
+    };
+    let in_lambda = matches!(cli.command, Command::Lambda { .. });
+    // CloudWatch Logs keeps JSON lines as fields to query.
+    let default_format = if in_lambda {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    };
+    init_tracing(cli.log_format.unwrap_or(default_format));
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -65,6 +101,10 @@ fn main() -> ExitCode {
             runtime.block_on(run(pipeline, RunOptions { no_cache }))
         }
         Command::Check { pipeline } => check(pipeline),
+        Command::Lambda { pipeline } => {
+            let pipeline = pipeline.unwrap_or_else(lambda_pipeline);
+            runtime.block_on(lambda(pipeline))
+        }
     };
     // A read of stdin blocks a thread the runtime cannot interrupt; waiting
     // for it on a requested stop would hang until the input closed.
@@ -106,6 +146,19 @@ async fn run(path: PathBuf, options: RunOptions) -> ExitCode {
             eprintln!("runnel: {summary}");
             ExitCode::SUCCESS
         }
+        Err(err) => match err.downcast_ref::<ConfigError>() {
+            Some(config) => invalid(config),
+            None => {
+                eprintln!("runnel: {err:#}");
+                ExitCode::from(EXIT_FAILED)
+            }
+        },
+    }
+}
+
+async fn lambda(path: PathBuf) -> ExitCode {
+    match runnel::lambda::serve(&path, &RunOptions::default()).await {
+        Ok(()) => ExitCode::SUCCESS,
         Err(err) => match err.downcast_ref::<ConfigError>() {
             Some(config) => invalid(config),
             None => {

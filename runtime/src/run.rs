@@ -78,6 +78,10 @@ fn default_cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("RUNNEL_CACHE_DIR") {
         return PathBuf::from(dir);
     }
+    // A Lambda package ships its stages compiled, next to the pipeline.
+    if let Some(root) = std::env::var_os("LAMBDA_TASK_ROOT") {
+        return PathBuf::from(root).join("cache");
+    }
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(dir).join("runnel");
     }
@@ -136,113 +140,190 @@ pub async fn run(
     options: &RunOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Summary> {
-    let engine = engine_for(pipeline, options)?;
-    let chain = start_chain(pipeline, &engine)?;
-    let base = pipeline.base_dir();
-    let needs = pipeline
+    let mut runner = Runner::open(pipeline, options).await?;
+    let mut source = pipeline
         .file
         .source
-        .mqtt_subscription()
-        .map(|(connection, subscription)| SourceNeeds {
-            connection: connection.unwrap_or_default(),
-            subscription,
-        });
-    let publishing: Vec<&str> = std::iter::once(&pipeline.file.sink)
-        .chain(pipeline.file.dead_letter.as_ref())
-        .filter_map(|sink| sink.mqtt_connection().flatten())
-        .collect();
-    let connections = Connections::open(
-        &pipeline.file.mqtt,
-        &pipeline.file.pipeline.name,
-        base,
-        needs,
-        &publishing,
-    )
-    .map_err(|message| anyhow::anyhow!("{}: {message}", pipeline.path.display()))?;
-    let source = pipeline.file.source.open(base, &connections).await?;
-    let sink = pipeline
-        .file
-        .sink
-        .open(base, LineFormat::Record, &connections)
-        .await?;
-    let dead_config = pipeline.file.dead_letter.as_ref();
-    let default_dead = SinkConfig::File {
-        path: DEFAULT_DEAD_LETTER.into(),
-        format: None,
-    };
-    let dead_sink = dead_config
-        .unwrap_or(&default_dead)
-        .open(base, LineFormat::Payload, &connections)
+        .open(pipeline.base_dir(), &runner.connections)
         .await?;
     tracing::info!(
         pipeline = %pipeline.path.display(),
         source = source.describe(),
-        sink = sink.describe(),
-        dead_letter = dead_sink.describe(),
+        sink = runner.sink.describe(),
+        dead_letter = runner.dead_sink.describe(),
         stages = pipeline.file.stages.len(),
         "pipeline started"
     );
-    let mut runner = Runner {
-        name: pipeline.file.pipeline.name.clone(),
-        chain: Some(chain),
-        source,
-        sink,
-        dead_sink,
-        summary: Summary::default(),
-        watermark: None,
-        connections,
-    };
     let batch_size = pipeline.file.pipeline.batch_size;
     let timer = Duration::from_millis(pipeline.file.pipeline.timer_ms);
-    let result = runner.run_loop(batch_size, timer, shutdown).await;
-    if let Some(chain) = &runner.chain {
-        for (stage, stats) in chain.stats() {
-            tracing::info!(
-                stage,
-                calls = stats.calls,
-                records_in = stats.records_in,
-                records_out = stats.records_out,
-                rejected = stats.rejected,
-                failed_calls = stats.failed_calls,
-                restarts = stats.restarts,
-                busy_ms = stats.busy.as_millis() as u64,
-                "stage totals"
-            );
-        }
-    }
-    let closed = async {
-        runner.sink.close().await?;
-        runner.dead_sink.close().await
-    }
-    .await;
-    runner.connections.disconnect().await;
+    let result = runner
+        .run_loop(source.as_mut(), batch_size, timer, shutdown)
+        .await;
+    let closed = runner.close().await;
     result?;
     closed?;
     Ok(runner.summary)
 }
 
-struct Runner {
+/// The chain and where its outputs go, fed by a source (`run`) or by
+/// invocations (Lambda).
+pub(crate) struct Runner {
     name: String,
     /// `None` only while a batch runs on the blocking pool.
     chain: Option<Chain>,
-    source: Box<dyn Source>,
     sink: Box<dyn Sink>,
     dead_sink: Box<dyn Sink>,
     summary: Summary,
     /// Newest record timestamp seen, for the event clock.
     watermark: Option<i64>,
     connections: Connections,
+    batch_size: usize,
+}
+
+/// What became of records given to [`Runner::process`].
+pub(crate) struct Processed {
+    /// One per record given.
+    pub outcomes: Vec<InputOutcome>,
+    /// Outputs in order, with the index of the record each came from.
+    pub outputs: Vec<(Option<usize>, Record)>,
+    /// Dead letters: the record's index (none for timer output), stage, reason.
+    pub dead: Vec<(Option<usize>, String, String)>,
 }
 
 impl Runner {
+    /// Starts the chain, the MQTT connections and the sinks of `pipeline`.
+    pub(crate) async fn open(pipeline: &Pipeline, options: &RunOptions) -> anyhow::Result<Self> {
+        let engine = engine_for(pipeline, options)?;
+        let chain = start_chain(pipeline, &engine)?;
+        let base = pipeline.base_dir();
+        let needs = pipeline
+            .file
+            .source
+            .mqtt_subscription()
+            .map(|(connection, subscription)| SourceNeeds {
+                connection: connection.unwrap_or_default(),
+                subscription,
+            });
+        let publishing: Vec<&str> = std::iter::once(&pipeline.file.sink)
+            .chain(pipeline.file.dead_letter.as_ref())
+            .filter_map(|sink| sink.mqtt_connection().flatten())
+            .collect();
+        let connections = Connections::open(
+            &pipeline.file.mqtt,
+            &pipeline.file.pipeline.name,
+            base,
+            needs,
+            &publishing,
+        )
+        .map_err(|message| anyhow::anyhow!("{}: {message}", pipeline.path.display()))?;
+        let sink = pipeline
+            .file
+            .sink
+            .open(base, LineFormat::Record, &connections)
+            .await?;
+        let default_dead = SinkConfig::File {
+            path: DEFAULT_DEAD_LETTER.into(),
+            format: None,
+        };
+        let dead_sink = pipeline
+            .file
+            .dead_letter
+            .as_ref()
+            .unwrap_or(&default_dead)
+            .open(base, LineFormat::Payload, &connections)
+            .await?;
+        Ok(Runner {
+            name: pipeline.file.pipeline.name.clone(),
+            chain: Some(chain),
+            sink,
+            dead_sink,
+            summary: Summary::default(),
+            watermark: None,
+            connections,
+            batch_size: pipeline.file.pipeline.batch_size,
+        })
+    }
+
+    /// Logs each stage's totals, closes the sinks and the connections.
+    pub(crate) async fn close(&mut self) -> anyhow::Result<()> {
+        if let Some(chain) = &self.chain {
+            for (stage, stats) in chain.stats() {
+                tracing::info!(
+                    stage,
+                    calls = stats.calls,
+                    records_in = stats.records_in,
+                    records_out = stats.records_out,
+                    rejected = stats.rejected,
+                    failed_calls = stats.failed_calls,
+                    restarts = stats.restarts,
+                    busy_ms = stats.busy.as_millis() as u64,
+                    "stage totals"
+                );
+            }
+        }
+        let closed = async {
+            self.sink.close().await?;
+            self.dead_sink.close().await
+        }
+        .await;
+        self.connections.disconnect().await;
+        Ok(closed?)
+    }
+
+    /// Runs `records` through the chain in batches, delivers the outputs and
+    /// dead letters, then flushes the stages' timers at `now`, and says what
+    /// became of each record.
+    pub(crate) async fn process(
+        &mut self,
+        records: Vec<Record>,
+        now: i64,
+    ) -> anyhow::Result<Processed> {
+        let total = records.len();
+        self.summary.inputs += total as u64;
+        let mut processed = Processed {
+            outcomes: Vec::with_capacity(total),
+            outputs: Vec::new(),
+            dead: Vec::new(),
+        };
+        let mut rest = records;
+        let mut offset = 0;
+        while !rest.is_empty() {
+            let tail = rest.split_off(rest.len().min(self.batch_size));
+            let batch = std::mem::replace(&mut rest, tail);
+            let count = batch.len();
+            let output = self.on_chain(move |chain| chain.process(batch)).await?;
+            let shift = |i: Option<usize>| i.map(|i| i + offset);
+            processed
+                .outputs
+                .extend(output.outputs.iter().map(|(i, r)| (shift(*i), r.clone())));
+            let delivered = self.deliver(output, false).await?;
+            processed.outcomes.extend(delivered.outcomes);
+            processed.dead.extend(
+                delivered
+                    .dead
+                    .into_iter()
+                    .map(|(i, stage, reason)| (shift(i), stage, reason)),
+            );
+            offset += count;
+        }
+        let output = self.on_chain(move |chain| chain.flush(now, false)).await?;
+        processed
+            .outputs
+            .extend(output.outputs.iter().map(|(_, r)| (None, r.clone())));
+        let delivered = self.deliver(output, true).await?;
+        processed.dead.extend(delivered.dead);
+        Ok(processed)
+    }
+
     async fn run_loop(
         &mut self,
+        source: &mut dyn Source,
         batch_size: usize,
         timer: Duration,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
-        let clock = self.source.clock();
+        let clock = source.clock();
         let mut ticker = tokio::time::interval(timer);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
@@ -252,8 +333,8 @@ impl Runner {
                 () = &mut shutdown => {
                     // Lines already read are processed, not dropped; then the
                     // final flush below emits what windows hold.
-                    if let Some(batch) = self.source.take_pending() {
-                        self.handle(batch, clock).await?;
+                    if let Some(batch) = source.take_pending() {
+                        self.handle(source, batch, clock).await?;
                     }
                     tracing::info!("stopping: what was read is processed and delivered");
                     break;
@@ -264,9 +345,9 @@ impl Runner {
                 _ = ticker.tick(), if clock == Clock::Wall => {
                     self.flush(now_ms(), false).await?;
                 }
-                batch = self.source.next_batch(batch_size) => {
+                batch = source.next_batch(batch_size) => {
                     let Some(batch) = batch? else { break };
-                    self.handle(batch, clock).await?;
+                    self.handle(source, batch, clock).await?;
                 }
             }
         }
@@ -280,7 +361,12 @@ impl Runner {
     }
 
     /// One batch: through the chain, outputs and dead letters delivered, then acknowledged.
-    async fn handle(&mut self, batch: crate::source::Batch, clock: Clock) -> anyhow::Result<()> {
+    async fn handle(
+        &mut self,
+        source: &mut dyn Source,
+        batch: crate::source::Batch,
+        clock: Clock,
+    ) -> anyhow::Result<()> {
         let before = self.watermark;
         self.summary.inputs += batch.inputs() as u64;
         if clock == Clock::Event {
@@ -294,7 +380,7 @@ impl Runner {
         self.summary.dead_lettered += batch.unreadable.len() as u64;
         output.dead_letters.extend(batch.unreadable);
         self.deliver(output, false).await?;
-        self.source.ack(id).await?;
+        source.ack(id).await?;
         if let (Clock::Event, Some(now)) = (clock, self.watermark) {
             if Some(now) > before {
                 self.flush(now, false).await?;
@@ -307,7 +393,7 @@ impl Runner {
         let output = self
             .on_chain(move |chain| chain.flush(now, end_of_input))
             .await?;
-        self.deliver(output, true).await
+        self.deliver(output, true).await.map(drop)
     }
 
     /// Runs wasm off the async threads: a stage may compute for its whole deadline.
@@ -331,7 +417,11 @@ impl Runner {
 
     /// Outputs to the sink and dead letters to theirs, both accepted before
     /// the caller acknowledges the inputs.
-    async fn deliver(&mut self, mut output: ChainOutput, from_timer: bool) -> anyhow::Result<()> {
+    async fn deliver(
+        &mut self,
+        mut output: ChainOutput,
+        from_timer: bool,
+    ) -> anyhow::Result<Delivered> {
         for outcome in &output.outcomes {
             match outcome {
                 InputOutcome::Emitted => self.summary.emitted += 1,
@@ -391,8 +481,21 @@ impl Runner {
             }
             self.summary.dead_letters += entries.len() as u64;
         }
-        Ok(())
+        Ok(Delivered {
+            outcomes: output.outcomes,
+            dead: dead_letters
+                .into_iter()
+                .map(|d| (d.input, d.stage, d.reason))
+                .collect(),
+        })
     }
+}
+
+/// What `deliver` settled: each input's outcome (a refused output makes it
+/// dead-lettered) and every dead letter written.
+struct Delivered {
+    outcomes: Vec<InputOutcome>,
+    dead: Vec<(Option<usize>, String, String)>,
 }
 
 /// Wall-clock time in ms since the Unix epoch.

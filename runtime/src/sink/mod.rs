@@ -28,6 +28,8 @@ pub enum SinkConfig {
         path: PathBuf,
         format: Option<LineFormat>,
     },
+    /// Outputs go nowhere but a Lambda answer.
+    None {},
     /// Each record's payload published over MQTT.
     Mqtt {
         /// The `[mqtt.NAME]` to use; may be left out when there is one.
@@ -64,6 +66,7 @@ impl SinkConfig {
                 LinesSink::open_file(&base_dir.join(path), format.unwrap_or(default_format))
                     .await?,
             ),
+            SinkConfig::None {} => Box::new(NoSink),
             SinkConfig::Mqtt {
                 connection,
                 topic,
@@ -123,4 +126,22 @@ pub trait Sink: Send {
 
     /// For logs: where this sink writes.
     fn describe(&self) -> String;
+}
+
+/// Takes records and keeps none: for a Lambda whose outputs are its answer.
+struct NoSink;
+
+#[async_trait]
+impl Sink for NoSink {
+    async fn send(&mut self, _records: &[Record]) -> Result<Vec<Rejected>, SinkError> {
+        Ok(Vec::new())
+    }
+
+    async fn close(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "none".into()
+    }
 }

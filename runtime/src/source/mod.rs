@@ -33,6 +33,11 @@ pub enum SourceConfig {
         #[serde(default)]
         format: LineFormat,
     },
+    /// AWS Lambda invocations, served by `runnel lambda`.
+    Lambda {
+        #[serde(default)]
+        event: crate::lambda::EventShape,
+    },
     /// Messages from MQTT topic filters.
     Mqtt {
         /// The `[mqtt.NAME]` to use; may be left out when there is one.
@@ -61,6 +66,9 @@ impl SourceConfig {
                 Box::new(LinesSource::open_file(&base_dir.join(path), *format).await?)
             }
             SourceConfig::Stdin { format } => Box::new(LinesSource::stdin(*format)),
+            SourceConfig::Lambda { .. } => {
+                return Err(SourceError::Lambda);
+            }
             SourceConfig::Mqtt {
                 connection,
                 topics,
@@ -141,6 +149,8 @@ pub enum SourceError {
         what: String,
         source: std::io::Error,
     },
+    #[error("a lambda source takes Lambda invocations: run it with `runnel lambda`")]
+    Lambda,
     #[error("mqtt source, connection `{connection}`: {reason}")]
     Broker { connection: String, reason: String },
 }

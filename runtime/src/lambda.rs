@@ -1,0 +1,466 @@
+//! Lambda mode: the same pipeline serves AWS Lambda invocations. Each event
+//! (SQS, Kinesis or Kafka batch, API Gateway or function URL request, or any
+//! other JSON such as an IoT rule's) becomes records that run through the
+//! chain; the answer says which records failed, or carries the outputs.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use aws_lambda_events::event::apigw::{ApiGatewayProxyRequest, ApiGatewayV2httpRequest};
+use aws_lambda_events::event::kafka::KafkaEvent;
+use aws_lambda_events::event::kinesis::KinesisEvent;
+use aws_lambda_events::event::sqs::SqsEvent;
+use base64::Engine as _;
+use lambda_runtime::{service_fn, LambdaEvent};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+
+use crate::chain::InputOutcome;
+use crate::config::Pipeline;
+use crate::run::{now_ms, Processed, RunOptions, Runner};
+use crate::source::SourceConfig;
+use crate::Record;
+
+/// Which events a Lambda pipeline takes: `[source] type = "lambda"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventShape {
+    /// Told apart by their fields.
+    #[default]
+    Auto,
+    Sqs,
+    Kinesis,
+    Kafka,
+    /// API Gateway (REST or HTTP API) or a function URL.
+    Http,
+    /// Any JSON, one record: an IoT Core rule's message, a direct invoke.
+    Raw,
+}
+
+/// Serves invocations until Lambda stops the process. Whatever stops the
+/// start (a bad pipeline file, a stage that will not load) is reported to
+/// the Runtime API as an init error, which Lambda shows for the invocation.
+pub async fn serve(pipeline_path: &std::path::Path, options: &RunOptions) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let prepared = async {
+        let pipeline = Pipeline::load(pipeline_path)?;
+        let SourceConfig::Lambda { event } = pipeline.file.source else {
+            anyhow::bail!(
+                "{}: runnel lambda needs [source] type = \"lambda\"",
+                pipeline_path.display()
+            );
+        };
+        let runner = Runner::open(&pipeline, options).await?;
+        anyhow::Ok((event, runner))
+    }
+    .await;
+    let (shape, runner) = match prepared {
+        Ok(ready) => ready,
+        Err(err) => {
+            let message = format!("{err:#}");
+            tracing::error!("cannot start: {message}");
+            report_init_error(&message).await;
+            return Err(err);
+        }
+    };
+    tracing::info!(
+        pipeline = %pipeline_path.display(),
+        ms = started.elapsed().as_millis() as u64,
+        "ready for invocations"
+    );
+    let runner = Arc::new(Mutex::new(runner));
+    let handler = service_fn(move |event: LambdaEvent<Value>| {
+        let runner = runner.clone();
+        async move {
+            let mut runner = runner.lock().await;
+            invoke(&mut runner, shape, event.payload)
+                .await
+                .map_err(|err| lambda_runtime::Error::from(format!("{err:#}")))
+        }
+    });
+    lambda_runtime::run(handler)
+        .await
+        .map_err(|err| anyhow::anyhow!("the Lambda runtime stopped: {err}"))
+}
+
+/// One invocation: the event's records through the chain, and the answer
+/// its shape calls for.
+async fn invoke(runner: &mut Runner, shape: EventShape, event: Value) -> anyhow::Result<Value> {
+    let shape = match shape {
+        EventShape::Auto => detect(&event),
+        shape => shape,
+    };
+    let (records, ids) = decode(shape, event)?;
+    let count = records.len();
+    let processed = runner.process(records, now_ms()).await?;
+    tracing::info!(
+        event = ?shape,
+        records = count,
+        outputs = processed.outputs.len(),
+        dead_letters = processed.dead.len(),
+        "invocation done"
+    );
+    answer(shape, &ids, processed)
+}
+
+/// The shape of an event, from the fields each kind has.
+pub fn detect(event: &Value) -> EventShape {
+    let source = event["Records"][0]["eventSource"]
+        .as_str()
+        .or_else(|| event["Records"][0]["EventSource"].as_str());
+    match source {
+        Some("aws:sqs") => return EventShape::Sqs,
+        Some("aws:kinesis") => return EventShape::Kinesis,
+        _ => {}
+    }
+    if matches!(
+        event["eventSource"].as_str(),
+        Some("aws:kafka" | "SelfManagedKafka")
+    ) && event["records"].is_object()
+    {
+        return EventShape::Kafka;
+    }
+    let http = event.get("requestContext").is_some()
+        && (event.get("httpMethod").is_some() || event.get("routeKey").is_some());
+    if http {
+        return EventShape::Http;
+    }
+    EventShape::Raw
+}
+
+/// Records, and per record what the event source calls it (message id,
+/// sequence number), for partial batch failures.
+type Decoded = (Vec<Record>, Vec<String>);
+
+fn decode(shape: EventShape, event: Value) -> anyhow::Result<Decoded> {
+    let not = |kind: &str| format!("the event is not a valid {kind} event");
+    Ok(match shape {
+        EventShape::Sqs => sqs(serde_json::from_value(event).with_context(|| not("SQS"))?),
+        EventShape::Kinesis => {
+            kinesis(serde_json::from_value(event).with_context(|| not("Kinesis"))?)
+        }
+        EventShape::Kafka => kafka(serde_json::from_value(event).with_context(|| not("Kafka"))?)?,
+        EventShape::Http => http(event)?,
+        EventShape::Raw | EventShape::Auto => raw(event),
+    })
+}
+
+/// The last part of an ARN: a queue's or a stream's name.
+fn arn_name(arn: Option<&str>) -> Option<String> {
+    arn.and_then(|a| a.rsplit([':', '/']).next())
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+}
+
+fn sqs(event: SqsEvent) -> Decoded {
+    event
+        .records
+        .into_iter()
+        .enumerate()
+        .map(|(i, message)| {
+            let mut record = Record::new(message.body.unwrap_or_default().into_bytes());
+            record.key = message.attributes.get("MessageGroupId").cloned();
+            record.topic = arn_name(message.event_source_arn.as_deref());
+            record.timestamp = message
+                .attributes
+                .get("SentTimestamp")
+                .and_then(|t| t.parse().ok());
+            let mut headers: Vec<(String, String)> = message
+                .message_attributes
+                .into_iter()
+                .filter_map(|(name, value)| value.string_value.map(|v| (name, v)))
+                .collect();
+            headers.sort();
+            record.headers = headers;
+            let id = message.message_id.unwrap_or_else(|| i.to_string());
+            (record, id)
+        })
+        .unzip()
+}
+
+fn kinesis(event: KinesisEvent) -> Decoded {
+    event
+        .records
+        .into_iter()
+        .map(|r| {
+            let mut record = Record::new(r.kinesis.data.0);
+            record.key = Some(r.kinesis.partition_key);
+            record.topic = arn_name(r.event_source_arn.as_deref());
+            record.timestamp = Some(r.kinesis.approximate_arrival_timestamp.0.timestamp_millis());
+            (record, r.kinesis.sequence_number)
+        })
+        .unzip()
+}
+
+fn kafka(event: KafkaEvent) -> anyhow::Result<Decoded> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut partitions: Vec<_> = event.records.into_iter().collect();
+    partitions.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut records = Vec::new();
+    let mut ids = Vec::new();
+    for (partition, messages) in partitions {
+        for m in messages {
+            let id = format!("{partition}@{}", m.offset);
+            let value = match &m.value {
+                Some(v) => b64
+                    .decode(v)
+                    .with_context(|| format!("Kafka record {id}: value is not base64"))?,
+                None => Vec::new(),
+            };
+            let mut record = Record::new(value);
+            if let Some(key) = &m.key {
+                let key = b64
+                    .decode(key)
+                    .with_context(|| format!("Kafka record {id}: key is not base64"))?;
+                record.key = Some(String::from_utf8_lossy(&key).into_owned());
+            }
+            record.topic = m.topic.clone();
+            record.timestamp = Some(m.timestamp.0.timestamp_millis());
+            record.headers = m
+                .headers
+                .iter()
+                .flat_map(|h| h.iter())
+                .map(|(name, bytes)| {
+                    let bytes: Vec<u8> = bytes.iter().map(|b| *b as u8).collect();
+                    (name.clone(), String::from_utf8_lossy(&bytes).into_owned())
+                })
+                .collect();
+            records.push(record);
+            ids.push(id);
+        }
+    }
+    Ok((records, ids))
+}
+
+fn http(event: Value) -> anyhow::Result<Decoded> {
+    // A REST API sends version 1 (httpMethod); HTTP APIs and function URLs send 2.0.
+    let (body, base64, path) = if event.get("httpMethod").is_some() {
+        let request: ApiGatewayProxyRequest = serde_json::from_value(event)
+            .context("the event is not a valid API Gateway (REST) request")?;
+        (request.body, request.is_base64_encoded, request.path)
+    } else {
+        let request: ApiGatewayV2httpRequest = serde_json::from_value(event)
+            .context("the event is not a valid API Gateway HTTP API or function URL request")?;
+        (request.body, request.is_base64_encoded, request.raw_path)
+    };
+    let body = body.unwrap_or_default();
+    let payload = if base64 {
+        base64::engine::general_purpose::STANDARD
+            .decode(body.as_bytes())
+            .context("the request body is marked base64 but is not")?
+    } else {
+        body.into_bytes()
+    };
+    let mut record = Record::new(payload);
+    record.topic = path;
+    record.timestamp = Some(now_ms());
+    Ok((vec![record], vec!["request".into()]))
+}
+
+fn raw(event: Value) -> Decoded {
+    let mut record = Record::new(serde_json::to_vec(&event).unwrap_or_default());
+    // An IoT rule can pass the topic along: SELECT *, topic() AS topic.
+    record.topic = event["topic"].as_str().map(str::to_string);
+    record.timestamp = Some(now_ms());
+    (vec![record], vec!["event".into()])
+}
+
+/// A payload in a JSON answer: itself when it is JSON, else its text, else
+/// base64.
+fn payload_value(payload: &[u8]) -> Value {
+    if let Ok(value) = serde_json::from_slice::<Value>(payload) {
+        return value;
+    }
+    match std::str::from_utf8(payload) {
+        Ok(text) => Value::String(text.to_string()),
+        Err(_) => json!({ "base64": base64::engine::general_purpose::STANDARD.encode(payload) }),
+    }
+}
+
+/// Indices of the records with a dead letter, in order.
+fn failed(processed: &Processed) -> Vec<usize> {
+    let mut failed: Vec<usize> = processed
+        .outcomes
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| **o == InputOutcome::DeadLettered)
+        .map(|(i, _)| i)
+        .collect();
+    failed.sort_unstable();
+    failed
+}
+
+fn answer(shape: EventShape, ids: &[String], processed: Processed) -> anyhow::Result<Value> {
+    let failed = failed(&processed);
+    let first_reason = || {
+        processed
+            .dead
+            .first()
+            .map(|(_, stage, reason)| format!("{stage}: {reason}"))
+            .unwrap_or_default()
+    };
+    match shape {
+        // Lambda retries (or redrives) only the records named here; the rest
+        // are deleted from the queue or checkpointed past.
+        EventShape::Sqs | EventShape::Kinesis => {
+            let failures: Vec<Value> = failed
+                .iter()
+                .filter_map(|&i| ids.get(i))
+                .map(|id| json!({ "itemIdentifier": id }))
+                .collect();
+            Ok(json!({ "batchItemFailures": failures }))
+        }
+        // Kafka has no partial failure: the batch fails as a whole, so the
+        // event source retries it or sends it to its on-failure destination.
+        EventShape::Kafka => {
+            if failed.is_empty() {
+                Ok(json!({ "processed": ids.len() }))
+            } else {
+                let names: Vec<&str> = failed
+                    .iter()
+                    .filter_map(|&i| ids.get(i).map(String::as_str))
+                    .collect();
+                anyhow::bail!(
+                    "{} of {} records failed ({}); first: {}",
+                    failed.len(),
+                    ids.len(),
+                    names.join(", "),
+                    first_reason()
+                )
+            }
+        }
+        EventShape::Http => Ok(http_answer(&processed, first_reason())),
+        EventShape::Raw | EventShape::Auto => Ok(json!({
+            "outputs": processed
+                .outputs
+                .iter()
+                .map(|(_, r)| payload_value(&r.payload))
+                .collect::<Vec<_>>(),
+            "dead_letters": processed
+                .dead
+                .iter()
+                .map(|(_, stage, reason)| json!({ "stage": stage, "reason": reason }))
+                .collect::<Vec<_>>(),
+        })),
+    }
+}
+
+/// 200 with the output (one: its payload; several: a JSON array), 204 with
+/// none, 422 with the reason when the request was dead-lettered.
+fn http_answer(processed: &Processed, reason: String) -> Value {
+    let json_headers = json!({ "content-type": "application/json" });
+    if !processed.dead.is_empty() {
+        return json!({
+            "statusCode": 422,
+            "headers": json_headers,
+            "body": json!({ "error": reason }).to_string(),
+            "isBase64Encoded": false,
+        });
+    }
+    match processed.outputs.as_slice() {
+        [] => json!({ "statusCode": 204, "body": "", "isBase64Encoded": false }),
+        [(_, only)] => match std::str::from_utf8(&only.payload) {
+            Ok(text) => json!({
+                "statusCode": 200,
+                "headers": if serde_json::from_str::<Value>(text).is_ok() {
+                    json_headers
+                } else {
+                    json!({ "content-type": "text/plain; charset=utf-8" })
+                },
+                "body": text,
+                "isBase64Encoded": false,
+            }),
+            Err(_) => json!({
+                "statusCode": 200,
+                "headers": { "content-type": "application/octet-stream" },
+                "body": base64::engine::general_purpose::STANDARD.encode(&only.payload),
+                "isBase64Encoded": true,
+            }),
+        },
+        many => json!({
+            "statusCode": 200,
+            "headers": json_headers,
+            "body": Value::Array(many.iter().map(|(_, r)| payload_value(&r.payload)).collect()).to_string(),
+            "isBase64Encoded": false,
+        }),
+    }
+}
+
+/// Tells the Runtime API why the start failed, so Lambda reports it with
+/// the invocation instead of a bare "runtime exited".
+async fn report_init_error(message: &str) {
+    let Ok(api) = std::env::var("AWS_LAMBDA_RUNTIME_API") else {
+        return;
+    };
+    let base = if api.starts_with("http://") || api.starts_with("https://") {
+        api
+    } else {
+        format!("http://{api}")
+    };
+    let url = format!(
+        "{}/2018-06-01/runtime/init/error",
+        base.trim_end_matches('/')
+    );
+    let body = json!({ "errorMessage": message, "errorType": "Runtime.InitError" }).to_string();
+    if let Err(err) = post(&url, body).await {
+        tracing::error!("cannot report the init error to {url}: {err}");
+    }
+}
+
+async fn post(url: &str, body: String) -> anyhow::Result<()> {
+    use http_body_util::Full;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let client: Client<_, Full<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let request = hyper::Request::post(url)
+        .header("content-type", "application/json")
+        .header("Lambda-Runtime-Function-Error-Type", "Runtime.InitError")
+        .body(Full::new(bytes::Bytes::from(body)))?;
+    let response = client.request(request).await?;
+    if !response.status().is_success() {
+        anyhow::bail!("status {}", response.status());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_are_told_apart() {
+        assert_eq!(
+            detect(&json!({"Records": [{"eventSource": "aws:sqs", "body": "x"}]})),
+            EventShape::Sqs
+        );
+        assert_eq!(
+            detect(&json!({"Records": [{"eventSource": "aws:kinesis"}]})),
+            EventShape::Kinesis
+        );
+        assert_eq!(
+            detect(&json!({"eventSource": "aws:kafka", "records": {}})),
+            EventShape::Kafka
+        );
+        assert_eq!(
+            detect(&json!({"version": "2.0", "routeKey": "$default", "requestContext": {}})),
+            EventShape::Http
+        );
+        assert_eq!(detect(&json!({"device": "dev-1"})), EventShape::Raw);
+    }
+
+    #[test]
+    fn arn_names_are_the_last_part() {
+        assert_eq!(
+            arn_name(Some("arn:aws:sqs:us-east-2:123456789012:my-queue")).as_deref(),
+            Some("my-queue")
+        );
+        assert_eq!(
+            arn_name(Some(
+                "arn:aws:kinesis:us-east-2:123456789012:stream/lambda-stream"
+            ))
+            .as_deref(),
+            Some("lambda-stream")
+        );
+    }
+}
