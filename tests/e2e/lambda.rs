@@ -1,0 +1,303 @@
+//! runnel as a Lambda function, driven through a real Lambda Runtime API:
+//! cargo-lambda's emulator (installed by scripts/setup-lambda), invoked the
+//! way AWS invokes it, with AWS's event shapes (tests/lambda-events).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use runnel_tests::mqtt::{free_port, wait_for_port, Background};
+use runnel_tests::{read_json_lines, repo_dir, stage};
+
+const BIN: &str = env!("CARGO_BIN_EXE_runnel");
+
+/// The folder holding `cargo-lambda`, installed on first use.
+fn lambda_tools() -> PathBuf {
+    let out = Command::new(repo_dir().join("scripts/setup-lambda"))
+        .output()
+        .expect("run scripts/setup-lambda");
+    assert!(
+        out.status.success(),
+        "scripts/setup-lambda: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn path_with(tools: &Path) -> String {
+    format!(
+        "{}:{}",
+        tools.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// cargo-lambda's Runtime API emulator on a free port, stopped when dropped.
+struct Emulator {
+    port: u16,
+    tools: PathBuf,
+    child: Child,
+}
+
+impl Emulator {
+    fn start() -> Self {
+        let tools = lambda_tools();
+        let port = free_port();
+        // It reads `cargo metadata` where it starts, and wants a binary there.
+        let child = Command::new("cargo")
+            .args(["lambda", "watch", "--only-lambda-apis", "-A", "127.0.0.1"])
+            .args(["-P", &port.to_string()])
+            .current_dir(repo_dir().join("runtime"))
+            .env("PATH", path_with(&tools))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start cargo lambda watch");
+        wait_for_port(port);
+        Emulator { port, tools, child }
+    }
+
+    /// runnel serving this emulator's invocations.
+    fn function(&self, dir: &Path, args: &[&str]) -> Background {
+        let api = format!("http://127.0.0.1:{}/.rt", self.port);
+        Background::start(
+            Path::new(BIN),
+            dir,
+            args,
+            &[
+                ("AWS_LAMBDA_RUNTIME_API", api.as_str()),
+                ("AWS_LAMBDA_FUNCTION_NAME", "_"),
+                ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256"),
+                ("AWS_LAMBDA_FUNCTION_VERSION", "1"),
+            ],
+        )
+    }
+
+    fn invoke_command(&self, event: &Path) -> Command {
+        let mut command = Command::new("cargo");
+        command
+            .args(["lambda", "invoke", "--invoke-address", "127.0.0.1"])
+            .args(["--invoke-port", &self.port.to_string()])
+            .arg("--data-file")
+            .arg(event)
+            .arg("_")
+            .current_dir(repo_dir().join("runtime"))
+            .env("PATH", path_with(&self.tools));
+        command
+    }
+
+    /// Invokes the function with `event`; `Ok` is the answer, `Err` the
+    /// function's error.
+    fn invoke(&self, event: &Path) -> Result<serde_json::Value, String> {
+        let out = self
+            .invoke_command(event)
+            .output()
+            .expect("cargo lambda invoke");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if out.status.success() {
+            Ok(serde_json::from_str(stdout.trim())
+                .unwrap_or_else(|e| panic!("answer is not JSON ({e}): {stdout}")))
+        } else {
+            Err(format!("{stdout}{stderr}"))
+        }
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn event(name: &str) -> PathBuf {
+    repo_dir().join("tests/lambda-events").join(name)
+}
+
+/// parse → validate → convert, as the demo configures them; outputs only in
+/// the answer, dead letters to a file.
+fn pipeline(dir: &Path) {
+    let text = format!(
+        r#"
+[pipeline]
+name = "lambda-test"
+
+[source]
+type = "lambda"
+
+[[stage]]
+name = "parse"
+wasm = {parse:?}
+memory_mb = 16
+[stage.config]
+units = {{ temperature = "C", humidity = "%" }}
+device_units = {{ dev-2 = {{ temperature = "F" }} }}
+
+[[stage]]
+name = "validate"
+wasm = {validate:?}
+[stage.config]
+required = ["temperature"]
+ranges = {{ temperature = {{ min = -40, max = 125 }} }}
+
+[[stage]]
+name = "convert"
+wasm = {convert:?}
+[stage.config]
+convert = {{ temperature = "C" }}
+
+[sink]
+type = "none"
+
+[dead_letter]
+type = "file"
+path = "dead.jsonl"
+"#,
+        parse = stage("parse").display().to_string(),
+        validate = stage("validate").display().to_string(),
+        convert = stage("convert").display().to_string(),
+    );
+    std::fs::write(dir.join("p.toml"), text).expect("write pipeline");
+}
+
+/// One function serving every event shape in turn, as one warm instance would.
+#[test]
+fn every_event_shape_gets_the_answer_lambda_expects() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    pipeline(dir.path());
+    let emulator = Emulator::start();
+    let mut function = emulator.function(dir.path(), &["lambda", "p.toml"]);
+    function.wait_for_log("ready for invocations", Duration::from_secs(90));
+
+    // SQS: only the message that failed validation is reported.
+    let answer = emulator.invoke(&event("sqs.json")).expect("sqs");
+    assert_eq!(
+        answer,
+        serde_json::json!({"batchItemFailures": [{"itemIdentifier": "2e1424d4-f796-459a-8184-9c92662be6da"}]})
+    );
+    let dead = read_json_lines(&dir.path().join("dead.jsonl"));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["stage"], "validate");
+    assert_eq!(dead[0]["record"]["topic"], "sensor-readings");
+
+    // Kinesis: the same, by sequence number.
+    let answer = emulator.invoke(&event("kinesis.json")).expect("kinesis");
+    assert_eq!(
+        answer,
+        serde_json::json!({"batchItemFailures": [{"itemIdentifier": "49590338271490256608559692540925702759324208523137515618"}]})
+    );
+
+    // Kafka: a clean batch succeeds; one bad record fails the batch, named.
+    let answer = emulator.invoke(&event("kafka.json")).expect("kafka");
+    assert_eq!(answer, serde_json::json!({"processed": 2}));
+    let error = emulator
+        .invoke(&event("kafka-bad.json"))
+        .expect_err("a Kafka batch with a bad record fails");
+    assert!(
+        error.contains("1 of 2 records failed (sensors-0@16)") && error.contains("validate"),
+        "{error}"
+    );
+
+    // API Gateway: the converted reading is the body; a bad one is a 422.
+    let answer = emulator.invoke(&event("apigw-rest.json")).expect("apigw");
+    assert_eq!(answer["statusCode"], 200, "{answer}");
+    let body: serde_json::Value =
+        serde_json::from_str(answer["body"].as_str().unwrap_or("")).expect("JSON body");
+    assert_eq!(body["device"], "dev-1");
+    assert_eq!(body["metrics"]["temperature"], 21.5);
+    let answer = emulator
+        .invoke(&event("apigw-rest-bad.json"))
+        .expect("apigw bad");
+    assert_eq!(answer["statusCode"], 422, "{answer}");
+    assert!(answer["body"]
+        .as_str()
+        .unwrap_or("")
+        .contains("above maximum 125"));
+
+    // A function URL with a base64 CSV body, in Fahrenheit.
+    let answer = emulator.invoke(&event("function-url.json")).expect("url");
+    assert_eq!(answer["statusCode"], 200, "{answer}");
+    let body: serde_json::Value =
+        serde_json::from_str(answer["body"].as_str().unwrap_or("")).expect("JSON body");
+    assert_eq!(body["device"], "dev-2");
+    assert_eq!(body["metrics"]["temperature"], 22.0);
+
+    // An IoT rule's message: the outputs come back.
+    let answer = emulator.invoke(&event("iot-rule.json")).expect("iot");
+    assert_eq!(answer["outputs"][0]["device"], "dev-1", "{answer}");
+    assert_eq!(answer["dead_letters"], serde_json::json!([]));
+
+    // A malformed SQS event is the invocation's error, and the next works.
+    let error = emulator
+        .invoke(&event("sqs-malformed.json"))
+        .expect_err("malformed");
+    assert!(
+        error.contains("the event is not a valid SQS event"),
+        "{error}"
+    );
+
+    // An oversized reading stops at the parse stage's memory cap: a dead
+    // letter in the answer, and the function goes on.
+    let big = dir.path().join("big.json");
+    let blob = "x".repeat(5 << 20);
+    std::fs::write(
+        &big,
+        serde_json::json!({"device": "dev-9", "ts": 1, "temperature": 20.0, "note": blob})
+            .to_string(),
+    )
+    .expect("big event");
+    let answer = emulator.invoke(&big).expect("big");
+    let reason = answer["dead_letters"][0]["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("memory limit reached"), "{answer}");
+    let answer = emulator.invoke(&event("iot-rule.json")).expect("after big");
+    assert_eq!(answer["outputs"][0]["device"], "dev-1", "{answer}");
+
+    drop(emulator);
+    function.kill();
+}
+
+#[test]
+fn an_init_failure_is_reported_through_the_runtime_api() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    pipeline(dir.path());
+    let text = std::fs::read_to_string(dir.path().join("p.toml")).expect("pipeline");
+    std::fs::write(
+        dir.path().join("p.toml"),
+        text.replace("convert.wasm", "no-such-stage.wasm"),
+    )
+    .expect("pipeline");
+    let emulator = Emulator::start();
+    // The emulator hands an init error to the invocation waiting for it.
+    let waiting = emulator
+        .invoke_command(&event("iot-rule.json"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("invoke");
+    std::thread::sleep(Duration::from_millis(500));
+    let run = emulator
+        .function(dir.path(), &["lambda", "p.toml"])
+        .finish();
+    let out = waiting.wait_with_output().expect("invoke output");
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(run.status, Some(2), "{}", run.stderr);
+    assert!(
+        answer.contains("Runtime.InitError") && answer.contains("no-such-stage.wasm not found"),
+        "answer: {answer}\nlog: {}",
+        run.stderr
+    );
+}
+
+#[test]
+fn run_refuses_a_lambda_pipeline() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    pipeline(dir.path());
+    let run = Background::start(Path::new(BIN), dir.path(), &["run", "p.toml"], &[]).finish();
+    assert_eq!(run.status, Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("run it with `runnel lambda`"),
+        "{}",
+        run.stderr
+    );
+}
