@@ -182,10 +182,7 @@ impl Spool {
         let mut reader = self.reader_at(self.pos)?;
         let mut line = Vec::new();
         while self.bytes() + needed > self.max_bytes && self.count > 0 {
-            line.clear();
-            let n = reader
-                .read_until(b'\n', &mut line)
-                .map_err(|e| self.io(e))? as u64;
+            let n = self.next_line(&mut reader, &mut line)?;
             if n == 0 {
                 break;
             }
@@ -195,6 +192,17 @@ impl Spool {
         }
         self.save_pos()?;
         self.compact()
+    }
+
+    /// Reads the next line into `line`; its length in bytes, 0 at the end.
+    fn next_line(
+        &self,
+        reader: &mut BufReader<File>,
+        line: &mut Vec<u8>,
+    ) -> Result<u64, SpoolError> {
+        line.clear();
+        let n = reader.read_until(b'\n', line).map_err(|e| self.io(e))?;
+        Ok(n as u64)
     }
 
     fn reader_at(&self, offset: u64) -> Result<BufReader<File>, SpoolError> {
@@ -210,10 +218,7 @@ impl Spool {
         let mut messages = Vec::new();
         let mut line = Vec::new();
         while messages.len() < max && end < self.len {
-            line.clear();
-            let n = reader
-                .read_until(b'\n', &mut line)
-                .map_err(|e| self.io(e))? as u64;
+            let n = self.next_line(&mut reader, &mut line)?;
             if n == 0 {
                 break;
             }
