@@ -339,3 +339,114 @@ fn sigterm_drains_what_was_read_and_exits_cleanly() {
     );
     assert_eq!(seen[9], "reading 9");
 }
+
+/// A tiny HTTP server: answers 503 to the first request (a passing outage),
+/// 400 to payloads holding "refuse", and 200 to the rest, recording bodies.
+fn http_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = bodies.clone();
+    std::thread::spawn(move || {
+        let mut requests = 0;
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream);
+            // Requests on one connection follow each other (keep-alive).
+            loop {
+                let mut length = 0;
+                let mut line = String::new();
+                let mut started = false;
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    started = true;
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                if !started {
+                    break;
+                }
+                let mut body = vec![0; length];
+                if reader.read_exact(&mut body).is_err() {
+                    break;
+                }
+                requests += 1;
+                let body = String::from_utf8_lossy(&body).into_owned();
+                let (status, text) = if requests == 1 {
+                    ("503 Service Unavailable", "busy")
+                } else if body.contains("refuse") {
+                    ("400 Bad Request", "refused by the test server")
+                } else {
+                    if let Ok(mut seen) = seen.lock() {
+                        seen.push(body);
+                    }
+                    ("200 OK", "ok")
+                };
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n{text}",
+                    text.len()
+                );
+                if reader.get_mut().write_all(answer.as_bytes()).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    (port, bodies)
+}
+
+#[test]
+fn an_http_sink_posts_each_output_retries_outages_and_dead_letters_refusals() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (port, bodies) = http_server();
+    std::fs::write(
+        dir.path().join("in.txt"),
+        "{\"n\":1}\nrefuse me\n{\"n\":3}\n",
+    )
+    .expect("input");
+    let pipeline = format!(
+        r#"
+[source]
+type = "file"
+path = "in.txt"
+[[stage]]
+name = "faults"
+wasm = {:?}
+[sink]
+type = "http"
+url = "http://127.0.0.1:{port}/ingest"
+headers = {{ x-api-key = "k" }}
+[dead_letter]
+type = "file"
+path = "dead.jsonl"
+"#,
+        stage("faults").display().to_string()
+    );
+    std::fs::write(dir.path().join("p.toml"), pipeline).expect("pipeline");
+    let run = run_binary(Path::new(BIN), dir.path(), &["run", "p.toml"], b"");
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let got = bodies.lock().map(|b| b.clone()).unwrap_or_default();
+    assert_eq!(got, ["{\"n\":1}", "{\"n\":3}"], "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("503 Service Unavailable: busy; trying again"),
+        "{}",
+        run.stderr
+    );
+    let dead = read_json_lines(&dir.path().join("dead.jsonl"));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["stage"], "sink");
+    assert_eq!(
+        dead[0]["reason"],
+        "the sink refused it: 400 Bad Request: refused by the test server"
+    );
+    let n = summary_numbers(run.summary());
+    assert_eq!(&n[..4], &[3, 2, 0, 1], "{}", run.summary());
+}

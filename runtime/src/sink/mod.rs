@@ -2,6 +2,7 @@
 //! accepted (written, or acknowledged by a broker), which is what lets the
 //! runner acknowledge the inputs they came from.
 
+mod http;
 mod lines;
 mod mqtt;
 
@@ -14,6 +15,7 @@ use crate::codec::LineFormat;
 use crate::mqtt::{Connections, TopicTemplate};
 use crate::Record;
 
+pub use http::HttpSink;
 pub use lines::LinesSink;
 pub use mqtt::MqttSink;
 
@@ -30,6 +32,13 @@ pub enum SinkConfig {
     },
     /// Outputs go nowhere but a Lambda answer.
     None {},
+    /// Each record's payload POSTed to a URL.
+    Http {
+        url: String,
+        /// Extra request headers, e.g. an API key.
+        #[serde(default)]
+        headers: std::collections::BTreeMap<String, String>,
+    },
     /// Each record's payload published over MQTT.
     Mqtt {
         /// The `[mqtt.NAME]` to use; may be left out when there is one.
@@ -67,6 +76,19 @@ impl SinkConfig {
                     .await?,
             ),
             SinkConfig::None {} => Box::new(NoSink),
+            SinkConfig::Http { url, headers } => Box::new(
+                HttpSink::new(
+                    url,
+                    headers
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                )
+                .map_err(|reason| SinkError::Http {
+                    url: url.clone(),
+                    reason,
+                })?,
+            ),
             SinkConfig::Mqtt {
                 connection,
                 topic,
@@ -103,6 +125,8 @@ pub enum SinkError {
         what: String,
         source: std::io::Error,
     },
+    #[error("http sink {url}: {reason}")]
+    Http { url: String, reason: String },
     #[error("mqtt sink, connection `{connection}`: {reason}")]
     Broker { connection: String, reason: String },
 }
