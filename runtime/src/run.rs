@@ -13,7 +13,7 @@ use crate::config::{ConfigError, Pipeline};
 use crate::mqtt::{Connections, SourceNeeds};
 use crate::sink::{Sink, SinkConfig};
 use crate::source::{Clock, Source};
-use crate::wasm::{CacheOutcome, Engine, EngineOptions, LoadedStage, StageLimits};
+use crate::wasm::{CacheOutcome, CpuTarget, Engine, EngineOptions, LoadedStage, StageLimits};
 use crate::Record;
 
 /// Where the dead letter goes when the pipeline file does not say.
@@ -71,7 +71,8 @@ pub fn engine_for(pipeline: &Pipeline, options: &RunOptions) -> anyhow::Result<E
             None => default_cache_dir(),
         })
     };
-    Engine::new(&EngineOptions { cache_dir }).context("cannot set up the WebAssembly engine")
+    let cpu = CpuTarget::from_env()?;
+    Engine::new(&EngineOptions { cache_dir, cpu }).context("cannot set up the WebAssembly engine")
 }
 
 fn default_cache_dir() -> PathBuf {

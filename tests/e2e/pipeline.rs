@@ -162,36 +162,86 @@ type = "stdout"
     assert_eq!(outputs[0]["headers"]["seq"], "0", "headers carried through");
 }
 
+/// `runnel check` of the pipeline in `dir` with this cache and `RUNNEL_CPU`
+/// (unset when `None`): its exit status and stderr.
+fn check_with_cache(dir: &Path, cache: &Path, cpu: Option<&str>) -> (bool, String) {
+    let mut command = std::process::Command::new(BIN);
+    command
+        .args(["check", "pipeline.toml"])
+        .current_dir(dir)
+        .env("RUNNEL_CACHE_DIR", cache)
+        .env("RUST_LOG", "info")
+        .env_remove("RUNNEL_CPU")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some(cpu) = cpu {
+        command.env("RUNNEL_CPU", cpu);
+    }
+    let child = command.spawn().expect("run check");
+    let _guard = runnel_tests::Watchdog::new(child.id());
+    let out = child.wait_with_output().expect("wait for check");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn cache_entries(cache: &Path) -> std::collections::BTreeSet<std::ffi::OsString> {
+    std::fs::read_dir(cache)
+        .expect("cache dir")
+        .map(|entry| entry.expect("cache entry").file_name())
+        .collect()
+}
+
 #[test]
 fn second_start_loads_stages_from_the_compile_cache() {
     let dir = tempfile::tempdir().expect("temp dir");
     demo_pipeline(dir.path());
     let cache = dir.path().join("cache");
-    let check = || {
-        let child = std::process::Command::new(BIN)
-            .args(["check", "pipeline.toml"])
-            .current_dir(dir.path())
-            .env("RUNNEL_CACHE_DIR", &cache)
-            .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run check");
-        let _guard = runnel_tests::Watchdog::new(child.id());
-        let out = child.wait_with_output().expect("wait for check");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
-    let first = check();
+    let (ok, first) = check_with_cache(dir.path(), &cache, None);
+    assert!(ok, "{first}");
     assert_eq!(first.matches("from_cache=false").count(), 5, "{first}");
-    let second = check();
+    let (ok, second) = check_with_cache(dir.path(), &cache, None);
+    assert!(ok, "{second}");
     assert_eq!(second.matches("from_cache=true").count(), 5, "{second}");
-    let entries = std::fs::read_dir(&cache).expect("cache dir").count();
-    assert_eq!(entries, 5, "one compiled file per distinct stage");
+    assert_eq!(
+        cache_entries(&cache).len(),
+        5,
+        "one compiled file per distinct stage"
+    );
+}
+
+/// A cache made with RUNNEL_CPU=portable (as a Lambda package's is) holds
+/// entries of its own, apart from this machine's native ones, and a second
+/// portable start loads them.
+#[test]
+fn portable_cpu_target_has_its_own_cache_entries() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    demo_pipeline(dir.path());
+    let native_cache = dir.path().join("native");
+    let portable_cache = dir.path().join("portable");
+    let (ok, out) = check_with_cache(dir.path(), &native_cache, Some("native"));
+    assert!(ok, "{out}");
+    let (ok, out) = check_with_cache(dir.path(), &portable_cache, Some("portable"));
+    assert!(ok, "{out}");
+    assert_eq!(out.matches("from_cache=false").count(), 5, "{out}");
+    let (ok, out) = check_with_cache(dir.path(), &portable_cache, Some("portable"));
+    assert!(ok, "{out}");
+    assert_eq!(out.matches("from_cache=true").count(), 5, "{out}");
+    let native = cache_entries(&native_cache);
+    let portable = cache_entries(&portable_cache);
+    assert_eq!(portable.len(), 5);
+    assert!(
+        native.is_disjoint(&portable),
+        "portable code must not share cache keys with native code"
+    );
+
+    let (ok, out) = check_with_cache(dir.path(), &portable_cache, Some("fast"));
+    assert!(!ok, "an unknown RUNNEL_CPU must fail");
+    assert!(
+        out.contains(r#"RUNNEL_CPU is "fast"; expected "native" or "portable""#),
+        "{out}"
+    );
 }
 
 /// A pipeline reading record lines from stdin through parse and a 1 s window.

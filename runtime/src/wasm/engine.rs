@@ -20,6 +20,65 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 pub struct EngineOptions {
     /// Where compiled stages are kept; `None` compiles on every start.
     pub cache_dir: Option<PathBuf>,
+    pub cpu: CpuTarget,
+}
+
+/// Which CPU features compiled stages may use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CpuTarget {
+    /// Whatever this machine has: fastest code, but a compiled stage loads
+    /// only on machines with the same features.
+    #[default]
+    Native,
+    /// A fixed set every machine of the architecture has (x86-64-v2; on
+    /// aarch64, LSE atomics as on Graviton2), so stages compiled on one
+    /// machine load on another: a Lambda package built here runs on
+    /// whichever host Lambda picks.
+    Portable,
+}
+
+impl CpuTarget {
+    /// `RUNNEL_CPU` (`native` or `portable`) when set, else portable under
+    /// Lambda, where the package's compiled stages were made elsewhere.
+    pub fn from_env() -> anyhow::Result<Self> {
+        match std::env::var("RUNNEL_CPU") {
+            Ok(value) => match value.as_str() {
+                "native" => Ok(CpuTarget::Native),
+                "portable" => Ok(CpuTarget::Portable),
+                other => {
+                    anyhow::bail!("RUNNEL_CPU is \"{other}\"; expected \"native\" or \"portable\"")
+                }
+            },
+            Err(_) if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() => {
+                Ok(CpuTarget::Portable)
+            }
+            Err(_) => Ok(CpuTarget::Native),
+        }
+    }
+
+    fn apply(self, config: &mut wasmtime::Config) -> anyhow::Result<()> {
+        if self == CpuTarget::Native {
+            return Ok(());
+        }
+        // Naming the host's triple turns off feature detection.
+        config.target(&target_lexicon::HOST.to_string())?;
+        let features: &[&str] = if cfg!(target_arch = "x86_64") {
+            &["x86-64-v2"]
+        } else if cfg!(target_arch = "aarch64") {
+            &["has_lse"]
+        } else {
+            &[]
+        };
+        for feature in features {
+            // SAFETY: every CPU of the architecture that runnel targets
+            // (x86-64-v2 machines; Graviton2 and later Arm cores) has these,
+            // and wasmtime checks them again when it loads compiled code.
+            unsafe {
+                config.cranelift_flag_enable(feature);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One wasmtime engine and linker for every stage of a process.
@@ -44,6 +103,7 @@ impl Engine {
         // than fuel's per-instruction count.
         config.epoch_interruption(true);
         config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        options.cpu.apply(&mut config)?;
         // `perf` can then name the stages' functions in a profile.
         if std::env::var_os("RUNNEL_PERF_MAP").is_some() {
             config.profiler(wasmtime::ProfilingStrategy::PerfMap);

@@ -9,7 +9,7 @@ mod output;
 mod timers;
 
 pub use cache::CacheOutcome;
-pub use engine::{Engine, EngineOptions};
+pub use engine::{CpuTarget, Engine, EngineOptions};
 pub use instance::{CallError, LoadError, LoadedStage, StageInstance, StageLimits};
 
 pub use crate::record::{Outcome, Record};
