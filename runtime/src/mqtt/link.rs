@@ -140,6 +140,7 @@ pub fn connect(options: LinkOptions, v5: bool) -> (LinkClient, LinkLoop) {
             .set_max_packet_size(Some(options.max_packet_bytes as u32))
             .set_outgoing_inflight_upper_limit(options.inflight)
             .set_request_channel_capacity(options.request_capacity);
+        o.set_network_options(network_options());
         if !options.clean_start {
             // MQTT 5 ends a session when its connection closes unless an
             // expiry is set; a day rides out any gateway outage worth riding.
@@ -162,9 +163,19 @@ pub fn connect(options: LinkOptions, v5: bool) -> (LinkClient, LinkLoop) {
         if let Some((user, password)) = options.credentials {
             o.set_credentials(user, password);
         }
-        let (client, eventloop) = rumqttc::AsyncClient::new(o, options.request_capacity);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(o, options.request_capacity);
+        eventloop.set_network_options(network_options());
         (LinkClient::V4(client), LinkLoop::V4(Box::new(eventloop)))
     }
+}
+
+/// Nagle's algorithm off: acknowledgements and publishes are small and an
+/// input is acknowledged only after its outputs were, so holding a packet
+/// back for the peer's delayed ACK stalls the whole pipeline by tens of ms.
+fn network_options() -> rumqttc::NetworkOptions {
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    network
 }
 
 impl LinkClient {
