@@ -179,6 +179,16 @@ pub(crate) struct Runner {
     watermark: Option<i64>,
     connections: Connections,
     batch_size: usize,
+    /// The batch whose outputs are delivered while the next one runs.
+    undelivered: Option<Undelivered>,
+}
+
+/// A batch the chain has run, not yet delivered nor acknowledged.
+struct Undelivered {
+    id: u64,
+    output: ChainOutput,
+    /// The stages' flush that the batch's timestamps triggered (event time).
+    flushed: Option<ChainOutput>,
 }
 
 /// What became of records given to [`Runner::process`].
@@ -242,6 +252,7 @@ impl Runner {
             watermark: None,
             connections,
             batch_size: pipeline.file.pipeline.batch_size,
+            undelivered: None,
         })
     }
 
@@ -344,14 +355,21 @@ impl Runner {
                     anyhow::bail!("{reason}");
                 }
                 _ = ticker.tick(), if clock == Clock::Wall => {
+                    self.settle(source).await?;
                     self.flush(now_ms(), false).await?;
                 }
                 batch = source.next_batch(batch_size) => {
                     let Some(batch) = batch? else { break };
                     self.handle(source, batch, clock).await?;
                 }
+                // No input waiting: the last batch is delivered now rather
+                // than with the next one.
+                () = std::future::ready(()), if self.undelivered.is_some() => {
+                    self.settle(source).await?;
+                }
             }
         }
+        self.settle(source).await?;
         // The input ended or a stop was asked for: every stage flushes a last
         // time, so the last window is not lost.
         let now = match clock {
@@ -361,7 +379,10 @@ impl Runner {
         self.flush(now, true).await
     }
 
-    /// One batch: through the chain, outputs and dead letters delivered, then acknowledged.
+    /// One batch through the chain. Its outputs are delivered (and the batch
+    /// acknowledged) while the chain runs the next one, so a broker's round
+    /// trip for acknowledgements overlaps the stages' work instead of adding
+    /// to it; `settle` delivers it when no next batch comes.
     async fn handle(
         &mut self,
         source: &mut dyn Source,
@@ -374,18 +395,50 @@ impl Runner {
             let newest = batch.records.iter().filter_map(|r| r.timestamp).max();
             self.watermark = self.watermark.max(newest);
         }
-        let id = batch.id;
-        let mut output = self
-            .on_chain(move |chain| chain.process(batch.records))
-            .await?;
-        self.summary.dead_lettered += batch.unreadable.len() as u64;
-        output.dead_letters.extend(batch.unreadable);
-        self.deliver(output, false).await?;
-        source.ack(id).await?;
-        if let (Clock::Event, Some(now)) = (clock, self.watermark) {
-            if Some(now) > before {
-                self.flush(now, false).await?;
-            }
+        // With event time, timers fire as the newest timestamp advances; the
+        // flush runs right after the batch, as part of the same work.
+        let flush_at = match (clock, self.watermark) {
+            (Clock::Event, Some(now)) if Some(now) > before => Some(now),
+            _ => None,
+        };
+        let crate::source::Batch {
+            id,
+            records,
+            unreadable,
+        } = batch;
+        let mut chain = self
+            .chain
+            .take()
+            .context("the chain was lost by an earlier failure")?;
+        let work = tokio::task::spawn_blocking(move || {
+            let output = chain.process(records);
+            let flushed = flush_at.map(|now| chain.flush(now, false));
+            (chain, output, flushed)
+        });
+        let settled = self.settle(source).await;
+        let (chain, mut output, flushed) =
+            work.await.context("the chain's worker thread failed")?;
+        self.chain = Some(chain);
+        settled?;
+        self.summary.dead_lettered += unreadable.len() as u64;
+        output.dead_letters.extend(unreadable);
+        self.undelivered = Some(Undelivered {
+            id,
+            output,
+            flushed,
+        });
+        Ok(())
+    }
+
+    /// Delivers the batch the chain ran last, then acknowledges it.
+    async fn settle(&mut self, source: &mut dyn Source) -> anyhow::Result<()> {
+        let Some(batch) = self.undelivered.take() else {
+            return Ok(());
+        };
+        self.deliver(batch.output, false).await?;
+        source.ack(batch.id).await?;
+        if let Some(flushed) = batch.flushed {
+            self.deliver(flushed, true).await?;
         }
         Ok(())
     }
