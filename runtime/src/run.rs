@@ -179,17 +179,28 @@ pub(crate) struct Runner {
     watermark: Option<i64>,
     connections: Connections,
     batch_size: usize,
-    /// The batch whose outputs are delivered while the next one runs.
-    undelivered: Option<Undelivered>,
+    /// Outputs handed to the sink, in order, not yet accepted; their
+    /// batches are acknowledged as they finish.
+    in_flight: std::collections::VecDeque<Delivery>,
 }
 
-/// A batch the chain has run, not yet delivered nor acknowledged.
-struct Undelivered {
-    id: u64,
-    output: ChainOutput,
-    /// The stages' flush that the batch's timestamps triggered (event time).
-    flushed: Option<ChainOutput>,
+/// A chain output handed to the sink, its acceptance still to come.
+struct Delivery {
+    /// The source's batch to acknowledge once it is finished.
+    batch: Option<u64>,
+    from_timer: bool,
+    outcomes: Vec<InputOutcome>,
+    /// For each output, the input it came from.
+    inputs: Vec<Option<usize>>,
+    records: Vec<Record>,
+    dead_letters: Vec<DeadLetter>,
+    sending: Option<crate::sink::Sending>,
 }
+
+/// Deliveries under way at once: the outputs of the next batch are published
+/// while a broker still acknowledges the last one's, so a broker that holds
+/// its acknowledgements back (Nagle's algorithm) does not stall the run.
+const DELIVERIES_IN_FLIGHT: usize = 2;
 
 /// What became of records given to [`Runner::process`].
 pub(crate) struct Processed {
@@ -252,7 +263,7 @@ impl Runner {
             watermark: None,
             connections,
             batch_size: pipeline.file.pipeline.batch_size,
-            undelivered: None,
+            in_flight: std::collections::VecDeque::new(),
         })
     }
 
@@ -364,7 +375,7 @@ impl Runner {
                 }
                 // No input waiting: the last batch is delivered now rather
                 // than with the next one.
-                () = std::future::ready(()), if self.undelivered.is_some() => {
+                () = std::future::ready(()), if !self.in_flight.is_empty() => {
                     self.settle(source).await?;
                 }
             }
@@ -379,10 +390,10 @@ impl Runner {
         self.flush(now, true).await
     }
 
-    /// One batch through the chain. Its outputs are delivered (and the batch
-    /// acknowledged) while the chain runs the next one, so a broker's round
-    /// trip for acknowledgements overlaps the stages' work instead of adding
-    /// to it; `settle` delivers it when no next batch comes.
+    /// One batch through the chain. While it runs, earlier deliveries are
+    /// finished and acknowledged, down to one still under way; then its
+    /// outputs are handed to the sink. `settle` finishes the rest when no
+    /// batch comes.
     async fn handle(
         &mut self,
         source: &mut dyn Source,
@@ -415,30 +426,45 @@ impl Runner {
             let flushed = flush_at.map(|now| chain.flush(now, false));
             (chain, output, flushed)
         });
-        let settled = self.settle(source).await;
+        let settled = self
+            .finish_deliveries(source, DELIVERIES_IN_FLIGHT - 1)
+            .await;
         let (chain, mut output, flushed) =
             work.await.context("the chain's worker thread failed")?;
         self.chain = Some(chain);
         settled?;
         self.summary.dead_lettered += unreadable.len() as u64;
         output.dead_letters.extend(unreadable);
-        self.undelivered = Some(Undelivered {
-            id,
-            output,
-            flushed,
-        });
+        let delivery = self.start_delivery(output, false, Some(id)).await;
+        self.in_flight.push_back(delivery);
+        if let Some(flushed) = flushed {
+            let delivery = self.start_delivery(flushed, true, None).await;
+            self.in_flight.push_back(delivery);
+        }
         Ok(())
     }
 
-    /// Delivers the batch the chain ran last, then acknowledges it.
+    /// Finishes every delivery under way and acknowledges their batches.
     async fn settle(&mut self, source: &mut dyn Source) -> anyhow::Result<()> {
-        let Some(batch) = self.undelivered.take() else {
-            return Ok(());
-        };
-        self.deliver(batch.output, false).await?;
-        source.ack(batch.id).await?;
-        if let Some(flushed) = batch.flushed {
-            self.deliver(flushed, true).await?;
+        self.finish_deliveries(source, 0).await
+    }
+
+    /// Finishes the oldest deliveries, in order, until at most `keep` are
+    /// under way; each batch is acknowledged once its delivery is done.
+    async fn finish_deliveries(
+        &mut self,
+        source: &mut dyn Source,
+        keep: usize,
+    ) -> anyhow::Result<()> {
+        while self.in_flight.len() > keep {
+            let Some(delivery) = self.in_flight.pop_front() else {
+                break;
+            };
+            let batch = delivery.batch;
+            self.finish_delivery(delivery).await?;
+            if let Some(id) = batch {
+                source.ack(id).await?;
+            }
         }
         Ok(())
     }
@@ -473,9 +499,21 @@ impl Runner {
     /// the caller acknowledges the inputs.
     async fn deliver(
         &mut self,
-        mut output: ChainOutput,
+        output: ChainOutput,
         from_timer: bool,
     ) -> anyhow::Result<Delivered> {
+        let delivery = self.start_delivery(output, from_timer, None).await;
+        self.finish_delivery(delivery).await
+    }
+
+    /// Counts a chain output and hands its outputs to the sink, without
+    /// waiting for the sink to accept them.
+    async fn start_delivery(
+        &mut self,
+        output: ChainOutput,
+        from_timer: bool,
+        batch: Option<u64>,
+    ) -> Delivery {
         for outcome in &output.outcomes {
             match outcome {
                 InputOutcome::Emitted => self.summary.emitted += 1,
@@ -483,11 +521,38 @@ impl Runner {
                 InputOutcome::DeadLettered => self.summary.dead_lettered += 1,
             }
         }
-        let mut dead_letters = output.dead_letters;
-        if !output.outputs.is_empty() {
-            let (inputs, mut records): (Vec<Option<usize>>, Vec<Record>) =
-                output.outputs.into_iter().unzip();
-            let rejected = self.sink.send(&records).await?;
+        let (inputs, records): (Vec<Option<usize>>, Vec<Record>) =
+            output.outputs.into_iter().unzip();
+        let sending = if records.is_empty() {
+            None
+        } else {
+            Some(self.sink.start_send(&records).await)
+        };
+        Delivery {
+            batch,
+            from_timer,
+            outcomes: output.outcomes,
+            inputs,
+            records,
+            dead_letters: output.dead_letters,
+            sending,
+        }
+    }
+
+    /// Waits for the sink to accept a delivery's outputs, dead-letters those
+    /// it refused, and writes the dead letters.
+    async fn finish_delivery(&mut self, delivery: Delivery) -> anyhow::Result<Delivered> {
+        let Delivery {
+            from_timer,
+            mut outcomes,
+            inputs,
+            mut records,
+            mut dead_letters,
+            sending,
+            ..
+        } = delivery;
+        if let Some(sending) = sending {
+            let rejected = sending.await?;
             let accepted = (records.len() - rejected.len()) as u64;
             self.summary.outputs += accepted;
             if from_timer {
@@ -496,16 +561,12 @@ impl Runner {
             for refused in rejected.into_iter().rev() {
                 let input = inputs.get(refused.index).copied().flatten();
                 // An input with a refused output counts as dead-lettered.
-                if let Some(outcome) = input.and_then(|i| output.outcomes.get(i)) {
+                if let Some(outcome) = input.and_then(|i| outcomes.get_mut(i)) {
                     if *outcome == InputOutcome::Emitted {
                         self.summary.emitted -= 1;
                         self.summary.dead_lettered += 1;
                     }
-                }
-                if let Some(i) = input {
-                    if let Some(outcome) = output.outcomes.get_mut(i) {
-                        *outcome = InputOutcome::DeadLettered;
-                    }
+                    *outcome = InputOutcome::DeadLettered;
                 }
                 dead_letters.push(DeadLetter {
                     stage: "sink".into(),
@@ -536,7 +597,7 @@ impl Runner {
             self.summary.dead_letters += entries.len() as u64;
         }
         Ok(Delivered {
-            outcomes: output.outcomes,
+            outcomes,
             dead: dead_letters
                 .into_iter()
                 .map(|d| (d.input, d.stage, d.reason))

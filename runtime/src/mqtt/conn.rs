@@ -30,6 +30,14 @@ pub struct Inbound {
 /// Per message of a publish: `Err` when the broker refused it.
 pub type PublishOutcome = Vec<Result<(), String>>;
 
+/// Why a connection took no more work: its fatal error, if it had one.
+fn stopped_reason(fatal: &watch::Receiver<Option<String>>, name: &str) -> String {
+    fatal
+        .borrow()
+        .clone()
+        .unwrap_or_else(|| format!("connection `{name}` has stopped"))
+}
+
 enum Command {
     Publish(
         Vec<Outbound>,
@@ -137,22 +145,34 @@ impl Connection {
 
     /// Publishes in order and waits until each message was acknowledged by
     /// the broker (QoS 1), written out (QoS 0) or spooled.
-    pub async fn publish(&self, messages: Vec<Outbound>) -> Result<PublishOutcome, String> {
-        if messages.is_empty() {
-            return Ok(Vec::new());
-        }
+    /// Queues messages for publishing, in order after those queued before,
+    /// and returns what becomes of each: settled once the broker
+    /// acknowledged it (QoS 1), it was written (QoS 0) or spooled. The
+    /// caller may queue more before that.
+    pub fn start_publish(
+        &self,
+        messages: Vec<Outbound>,
+    ) -> impl std::future::Future<Output = Result<PublishOutcome, String>> + Send + 'static {
         let (done, answer) = oneshot::channel();
-        self.commands
-            .send(Command::Publish(messages, done))
-            .map_err(|_| self.stopped())?;
-        answer.await.map_err(|_| self.stopped())?
+        let queued = if messages.is_empty() {
+            let _ = done.send(Ok(Vec::new()));
+            true
+        } else {
+            self.commands.send(Command::Publish(messages, done)).is_ok()
+        };
+        let fatal = self.fatal.clone();
+        let name = self.name.clone();
+        async move {
+            let stopped = || stopped_reason(&fatal, &name);
+            if !queued {
+                return Err(stopped());
+            }
+            answer.await.map_err(|_| stopped())?
+        }
     }
 
     fn stopped(&self) -> String {
-        self.fatal
-            .borrow()
-            .clone()
-            .unwrap_or_else(|| format!("connection `{}` has stopped", self.name))
+        stopped_reason(&self.fatal, &self.name)
     }
 
     /// Acknowledges a message, unless the connection it came on is gone: the

@@ -139,11 +139,23 @@ pub struct Rejected {
     pub reason: String,
 }
 
+/// What `send` would return, still to come.
+pub type Sending =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Rejected>, SinkError>> + Send>>;
+
 #[async_trait]
 pub trait Sink: Send {
     /// Takes records in order; returns once they are accepted, with those
     /// refused one by one (a topic that cannot be made, a broker's no).
     async fn send(&mut self, records: &[Record]) -> Result<Vec<Rejected>, SinkError>;
+
+    /// Hands records over, in order after those handed over before, and
+    /// returns their acceptance still to come, so that the caller can go on
+    /// while a broker acknowledges them. By default it is `send`, done now.
+    async fn start_send(&mut self, records: &[Record]) -> Sending {
+        let accepted = self.send(records).await;
+        Box::pin(std::future::ready(accepted))
+    }
 
     /// Flushes and closes; called once at the end of a run.
     async fn close(&mut self) -> Result<(), SinkError>;

@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{Rejected, Sink, SinkError};
+use super::{Rejected, Sending, Sink, SinkError};
 use crate::mqtt::{Connection, Outbound, TopicTemplate};
 use crate::Record;
 
@@ -30,6 +30,10 @@ impl MqttSink {
 #[async_trait]
 impl Sink for MqttSink {
     async fn send(&mut self, records: &[Record]) -> Result<Vec<Rejected>, SinkError> {
+        self.start_send(records).await.await
+    }
+
+    async fn start_send(&mut self, records: &[Record]) -> Sending {
         let mut rejected = Vec::new();
         let mut messages = Vec::with_capacity(records.len());
         let mut indices = Vec::with_capacity(records.len());
@@ -48,21 +52,20 @@ impl Sink for MqttSink {
                 Err(reason) => rejected.push(Rejected { index, reason }),
             }
         }
-        let outcome = self
-            .conn
-            .publish(messages)
-            .await
-            .map_err(|reason| SinkError::Broker {
-                connection: self.conn.name().to_string(),
-                reason,
-            })?;
-        for (index, result) in indices.into_iter().zip(outcome) {
-            if let Err(reason) = result {
-                rejected.push(Rejected { index, reason });
+        let published = self.conn.start_publish(messages);
+        let connection = self.conn.name().to_string();
+        Box::pin(async move {
+            let outcome = published
+                .await
+                .map_err(|reason| SinkError::Broker { connection, reason })?;
+            for (index, result) in indices.into_iter().zip(outcome) {
+                if let Err(reason) = result {
+                    rejected.push(Rejected { index, reason });
+                }
             }
-        }
-        rejected.sort_by_key(|r| r.index);
-        Ok(rejected)
+            rejected.sort_by_key(|r| r.index);
+            Ok(rejected)
+        })
     }
 
     async fn close(&mut self) -> Result<(), SinkError> {
