@@ -137,11 +137,12 @@ fn invalid(err: &ConfigError) -> ExitCode {
 }
 
 async fn run(path: PathBuf, options: RunOptions) -> ExitCode {
+    let shutdown = shutdown_signal();
     let pipeline = match load(&path) {
         Ok(pipeline) => pipeline,
         Err(code) => return code,
     };
-    match runnel::run(&pipeline, &options, shutdown_signal()).await {
+    match runnel::run(&pipeline, &options, shutdown).await {
         Ok(summary) => {
             eprintln!("runnel: {summary}");
             ExitCode::SUCCESS
@@ -194,26 +195,34 @@ fn check(path: PathBuf) -> ExitCode {
     }
 }
 
-/// Resolves on Ctrl-C or SIGTERM (what systemd and Lambda send).
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on Ctrl-C or SIGTERM (what systemd and Lambda send). The
+/// handlers are installed when this is called, not when it is first awaited,
+/// so a stop that comes while the stages load or the broker is still being
+/// reached ends the run cleanly instead of killing the process.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
+        let interrupt = signal(SignalKind::interrupt());
+        let terminate = signal(SignalKind::terminate());
+        async move {
+            match (interrupt, terminate) {
+                (Ok(mut interrupt), Ok(mut terminate)) => {
+                    tokio::select! {
+                        _ = interrupt.recv() => {}
+                        _ = terminate.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = ctrl_c.await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
