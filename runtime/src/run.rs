@@ -195,6 +195,20 @@ struct Delivery {
     records: Vec<Record>,
     dead_letters: Vec<DeadLetter>,
     sending: Option<crate::sink::Sending>,
+    /// What `sending` came to, once it did.
+    accepted: Option<Result<Vec<crate::sink::Rejected>, crate::sink::SinkError>>,
+}
+
+/// Resolves once the oldest delivery's outputs were accepted (or refused).
+/// Cancel-safe: the sending stays in the delivery until it completes.
+async fn oldest_accepted(in_flight: &mut std::collections::VecDeque<Delivery>) {
+    if let Some(delivery) = in_flight.front_mut() {
+        if let Some(sending) = delivery.sending.as_mut() {
+            let accepted = sending.await;
+            delivery.sending = None;
+            delivery.accepted = Some(accepted);
+        }
+    }
 }
 
 /// Deliveries under way at once: the outputs of the next batch are published
@@ -373,10 +387,10 @@ impl Runner {
                     let Some(batch) = batch? else { break };
                     self.handle(source, batch, clock).await?;
                 }
-                // No input waiting: the last batch is delivered now rather
-                // than with the next one.
-                () = std::future::ready(()), if !self.in_flight.is_empty() => {
-                    self.settle(source).await?;
+                // The oldest delivery's outputs were accepted: its batch is
+                // acknowledged now rather than when the next batch comes.
+                () = oldest_accepted(&mut self.in_flight), if !self.in_flight.is_empty() => {
+                    self.finish_deliveries(source, self.in_flight.len() - 1).await?;
                 }
             }
         }
@@ -536,6 +550,7 @@ impl Runner {
             records,
             dead_letters: output.dead_letters,
             sending,
+            accepted: None,
         }
     }
 
@@ -549,10 +564,16 @@ impl Runner {
             mut records,
             mut dead_letters,
             sending,
+            accepted,
             ..
         } = delivery;
-        if let Some(sending) = sending {
-            let rejected = sending.await?;
+        let accepted = match (accepted, sending) {
+            (Some(accepted), _) => Some(accepted),
+            (None, Some(sending)) => Some(sending.await),
+            (None, None) => None,
+        };
+        if let Some(accepted) = accepted {
+            let rejected = accepted?;
             let accepted = (records.len() - rejected.len()) as u64;
             self.summary.outputs += accepted;
             if from_timer {
