@@ -259,34 +259,47 @@ fn every_event_shape_gets_the_answer_lambda_expects() {
 
 #[test]
 fn an_init_failure_is_reported_through_the_runtime_api() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    pipeline(dir.path());
-    let text = std::fs::read_to_string(dir.path().join("p.toml")).expect("pipeline");
-    std::fs::write(
-        dir.path().join("p.toml"),
-        text.replace("convert.wasm", "no-such-stage.wasm"),
-    )
-    .expect("pipeline");
-    let emulator = Emulator::start();
-    // The emulator hands an init error to the invocation waiting for it.
-    let waiting = emulator
-        .invoke_command(&event("iot-rule.json"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("invoke");
-    std::thread::sleep(Duration::from_millis(500));
-    let run = emulator
-        .function(dir.path(), &["lambda", "p.toml"])
-        .finish();
-    let out = waiting.wait_with_output().expect("invoke output");
-    let answer = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(run.status, Some(2), "{}", run.stderr);
-    assert!(
-        answer.contains("Runtime.InitError") && answer.contains("no-such-stage.wasm not found"),
-        "answer: {answer}\nlog: {}",
-        run.stderr
-    );
+    // A missing stage, and a pipeline file with a typo in a field name: each
+    // must reach the waiting invocation as an init error naming the cause.
+    let cases: [(&str, &str, &str); 2] = [
+        (
+            "convert.wasm",
+            "no-such-stage.wasm",
+            "no-such-stage.wasm not found",
+        ),
+        (
+            "[source]",
+            "[source]\nbatchsize = 5",
+            "unknown field `batchsize`",
+        ),
+    ];
+    for (from, to, expected) in cases {
+        let dir = tempfile::tempdir().expect("temp dir");
+        pipeline(dir.path());
+        let text = std::fs::read_to_string(dir.path().join("p.toml")).expect("pipeline");
+        assert!(text.contains(from), "the test pipeline has no `{from}`");
+        std::fs::write(dir.path().join("p.toml"), text.replacen(from, to, 1)).expect("pipeline");
+        let emulator = Emulator::start();
+        // The emulator hands an init error to the invocation waiting for it.
+        let waiting = emulator
+            .invoke_command(&event("iot-rule.json"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("invoke");
+        std::thread::sleep(Duration::from_millis(500));
+        let run = emulator
+            .function(dir.path(), &["lambda", "p.toml"])
+            .finish();
+        let out = waiting.wait_with_output().expect("invoke output");
+        let answer = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(run.status, Some(2), "{}", run.stderr);
+        assert!(
+            answer.contains("Runtime.InitError") && answer.contains(expected),
+            "answer: {answer}\nlog: {}",
+            run.stderr
+        );
+    }
 }
 
 #[test]
