@@ -76,7 +76,11 @@ fn main() {
         "Lambda benchmark: {}'s Runtime API emulator on loopback, one process per function",
         cargo_lambda_version(&tools)
     );
-    println!("runnel: {} (commit {})", runnel.display(), commit());
+    println!(
+        "runnel: {} (commit {})",
+        runnel.display(),
+        runnel_tests::commit()
+    );
     println!(
         "native: {} (lambda_runtime, the same stage crates linked in)",
         native.display()
@@ -748,28 +752,6 @@ fn release_binary(var: &str, build: &[&str], name: &str) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_dir().join("target"));
     target.join("release").join(name)
-}
-
-fn commit() -> String {
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .args(args)
-            .current_dir(repo_dir())
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default()
-    };
-    let head = git(&["rev-parse", "--short", "HEAD"]);
-    let dirty = !git(&["status", "--porcelain", "runtime", "sdk", "functions"]).is_empty();
-    match (head.is_empty(), dirty) {
-        (true, _) => "unknown".into(),
-        (false, false) => head,
-        (false, true) => {
-            format!("{head}, with uncommitted changes in runtime/, sdk/ or functions/")
-        }
-    }
 }
 
 fn median(values: &[f64]) -> f64 {

@@ -55,16 +55,9 @@ fn main() {
         mosquitto_version()
     );
     println!(
-        "runnel: {} (commit {}{})",
+        "runnel: {} (commit {})",
         bin.display(),
-        Some(git(&["rev-parse", "--short", "HEAD"]))
-            .filter(|c| !c.is_empty())
-            .unwrap_or_else(|| "unknown: not a git checkout".into()),
-        if git(&["status", "--porcelain", "runtime", "sdk", "functions"]).is_empty() {
-            ""
-        } else {
-            ", with uncommitted changes in runtime/, sdk/ or functions/"
-        }
+        runnel_tests::commit()
     );
     println!("example chain: parse, validate, convert, anomaly (the demo's configs), batch 64");
     println!("relay: rumqttc subscribe and republish, no wasm, input acked after its republish is");
@@ -1038,15 +1031,4 @@ fn mosquitto_version() -> String {
         })
         .unwrap_or_default();
     out.lines().next().unwrap_or("mosquitto").trim().to_string()
-}
-
-fn git(args: &[&str]) -> String {
-    Command::new("git")
-        .args(args)
-        .current_dir(repo_dir())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
 }

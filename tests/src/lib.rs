@@ -160,3 +160,27 @@ pub fn unique() -> String {
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!("{}-{n}", std::process::id())
 }
+
+/// The commit the benchmarks measure, for their output: the short hash, and
+/// a warning when the runtime, SDK or stages have uncommitted changes.
+pub fn commit() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(repo_dir())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let head = git(&["rev-parse", "--short", "HEAD"]);
+    let dirty = !git(&["status", "--porcelain", "runtime", "sdk", "functions"]).is_empty();
+    match (head.is_empty(), dirty) {
+        (true, _) => "unknown: not a git checkout".into(),
+        (false, false) => head,
+        (false, true) => {
+            format!("{head}, with uncommitted changes in runtime/, sdk/ or functions/")
+        }
+    }
+}
