@@ -71,7 +71,7 @@ fn main() {
     );
     assert_eq!(check.status, Some(0), "runnel check:\n{}", check.stderr);
 
-    let tools = lambda_tools();
+    let tools = runnel_tests::lambda_tools();
     println!(
         "Lambda benchmark: {}'s Runtime API emulator on loopback, one process per function",
         cargo_lambda_version(&tools)
@@ -557,7 +557,7 @@ impl Emulator {
             .args(["lambda", "watch", "--only-lambda-apis", "-A", "127.0.0.1"])
             .args(["-P", &port.to_string()])
             .current_dir(repo_dir().join("runtime"))
-            .env("PATH", path_with(tools))
+            .env("PATH", runnel_tests::path_with(tools))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -574,31 +574,10 @@ impl Drop for Emulator {
     }
 }
 
-/// The folder holding `cargo-lambda`, installed on first use.
-fn lambda_tools() -> PathBuf {
-    let out = Command::new(repo_dir().join("scripts/setup-lambda"))
-        .output()
-        .expect("run scripts/setup-lambda");
-    assert!(
-        out.status.success(),
-        "scripts/setup-lambda: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
-fn path_with(tools: &Path) -> String {
-    format!(
-        "{}:{}",
-        tools.display(),
-        std::env::var("PATH").unwrap_or_default()
-    )
-}
-
 fn cargo_lambda_version(tools: &Path) -> String {
     Command::new("cargo")
         .args(["lambda", "--version"])
-        .env("PATH", path_with(tools))
+        .env("PATH", runnel_tests::path_with(tools))
         .output()
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())

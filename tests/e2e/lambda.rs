@@ -11,27 +11,6 @@ use runnel_tests::{read_json_lines, repo_dir, stage};
 
 const BIN: &str = env!("CARGO_BIN_EXE_runnel");
 
-/// The folder holding `cargo-lambda`, installed on first use.
-fn lambda_tools() -> PathBuf {
-    let out = Command::new(repo_dir().join("scripts/setup-lambda"))
-        .output()
-        .expect("run scripts/setup-lambda");
-    assert!(
-        out.status.success(),
-        "scripts/setup-lambda: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
-fn path_with(tools: &Path) -> String {
-    format!(
-        "{}:{}",
-        tools.display(),
-        std::env::var("PATH").unwrap_or_default()
-    )
-}
-
 /// cargo-lambda's Runtime API emulator on a free port, stopped when dropped.
 struct Emulator {
     port: u16,
@@ -41,14 +20,14 @@ struct Emulator {
 
 impl Emulator {
     fn start() -> Self {
-        let tools = lambda_tools();
+        let tools = runnel_tests::lambda_tools();
         let port = free_port();
         // It reads `cargo metadata` where it starts, and wants a binary there.
         let child = Command::new("cargo")
             .args(["lambda", "watch", "--only-lambda-apis", "-A", "127.0.0.1"])
             .args(["-P", &port.to_string()])
             .current_dir(repo_dir().join("runtime"))
-            .env("PATH", path_with(&tools))
+            .env("PATH", runnel_tests::path_with(&tools))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -82,7 +61,7 @@ impl Emulator {
             .arg(event)
             .arg("_")
             .current_dir(repo_dir().join("runtime"))
-            .env("PATH", path_with(&self.tools));
+            .env("PATH", runnel_tests::path_with(&self.tools));
         command
     }
 

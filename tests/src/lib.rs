@@ -184,3 +184,26 @@ pub fn commit() -> String {
         }
     }
 }
+
+/// The folder holding `cargo-lambda` (scripts/setup-lambda installs it on
+/// first use), for the Lambda tests and benchmark.
+pub fn lambda_tools() -> PathBuf {
+    let out = Command::new(repo_dir().join("scripts/setup-lambda"))
+        .output()
+        .expect("run scripts/setup-lambda");
+    assert!(
+        out.status.success(),
+        "scripts/setup-lambda: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// `PATH` with `tools` in front.
+pub fn path_with(tools: &Path) -> String {
+    format!(
+        "{}:{}",
+        tools.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
