@@ -143,8 +143,6 @@ impl Connection {
         self.inbound.lock().ok()?.take()
     }
 
-    /// Publishes in order and waits until each message was acknowledged by
-    /// the broker (QoS 1), written out (QoS 0) or spooled.
     /// Queues messages for publishing, in order after those queued before,
     /// and returns what becomes of each: settled once the broker
     /// acknowledged it (QoS 1), it was written (QoS 0) or spooled. The
