@@ -431,21 +431,15 @@ impl Runner {
             records,
             unreadable,
         } = batch;
-        let mut chain = self
-            .chain
-            .take()
-            .context("the chain was lost by an earlier failure")?;
-        let work = tokio::task::spawn_blocking(move || {
+        let running = self.start_on_chain(move |chain| {
             let output = chain.process(records);
             let flushed = flush_at.map(|now| chain.flush(now, false));
-            (chain, output, flushed)
-        });
+            (output, flushed)
+        })?;
         let settled = self
             .finish_deliveries(source, DELIVERIES_IN_FLIGHT - 1)
             .await;
-        let (chain, mut output, flushed) =
-            work.await.context("the chain's worker thread failed")?;
-        self.chain = Some(chain);
+        let (mut output, flushed) = self.chain_done(running).await?;
         settled?;
         self.summary.dead_lettered += unreadable.len() as u64;
         output.dead_letters.extend(unreadable);
@@ -491,20 +485,36 @@ impl Runner {
     }
 
     /// Runs wasm off the async threads: a stage may compute for its whole deadline.
-    async fn on_chain(
+    async fn on_chain<T: Send + 'static>(
         &mut self,
-        work: impl FnOnce(&mut Chain) -> ChainOutput + Send + 'static,
-    ) -> anyhow::Result<ChainOutput> {
+        work: impl FnOnce(&mut Chain) -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let running = self.start_on_chain(work)?;
+        self.chain_done(running).await
+    }
+
+    /// Starts `work` on the blocking pool with the chain, which stays away
+    /// until [`Self::chain_done`] takes it back; meanwhile the runner may
+    /// deliver earlier outputs.
+    fn start_on_chain<T: Send + 'static>(
+        &mut self,
+        work: impl FnOnce(&mut Chain) -> T + Send + 'static,
+    ) -> anyhow::Result<tokio::task::JoinHandle<(Chain, T)>> {
         let mut chain = self
             .chain
             .take()
             .context("the chain was lost by an earlier failure")?;
-        let (chain, output) = tokio::task::spawn_blocking(move || {
+        Ok(tokio::task::spawn_blocking(move || {
             let output = work(&mut chain);
             (chain, output)
-        })
-        .await
-        .context("the chain's worker thread failed")?;
+        }))
+    }
+
+    async fn chain_done<T>(
+        &mut self,
+        running: tokio::task::JoinHandle<(Chain, T)>,
+    ) -> anyhow::Result<T> {
+        let (chain, output) = running.await.context("the chain's worker thread failed")?;
         self.chain = Some(chain);
         Ok(output)
     }
