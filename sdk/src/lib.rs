@@ -43,6 +43,8 @@
 //! (`fn to_celsius` gives `ToCelsiusStage`) for tests that drive the stage
 //! the way the host does.
 
+#[doc(hidden)]
+pub mod alloc;
 mod error;
 pub mod log;
 mod record;
@@ -53,6 +55,19 @@ mod stage;
 pub mod __private;
 
 pub use error::{Error, Result};
+
+// A stage is one thread in wasm, where std's general-purpose allocator is a
+// large share of each record's cost; a crate that brings its own global
+// allocator turns this off with `default-features = false`.
+#[cfg(all(
+    target_family = "wasm",
+    not(target_feature = "atomics"),
+    feature = "allocator"
+))]
+#[global_allocator]
+static ALLOCATOR: alloc::SizeClasses<std::alloc::System> =
+    alloc::SizeClasses::new(std::alloc::System);
+
 pub use record::Record;
 pub use runnel_sdk_macro::{filter, flat_map, map};
 pub use stage::{parse_config, NoConfig, Stage};
