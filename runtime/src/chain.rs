@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::record::{parse_outcomes, Encoded, RawOutcome};
+use crate::record::{read_outcomes, Encoded, Part};
 use crate::wasm::{CallError, LoadedStage, Record, StageInstance};
 
 /// A record that could not go on, and why.
@@ -209,36 +209,45 @@ impl Slot {
         self.stats.records_in += batch.len() as u64;
         let started = Instant::now();
         let answer = self.instance().and_then(|i| i.process_encoded(&batch.buf));
+        let (kept, kept_dead) = (next.len(), dead_letters.len());
+        let (mut emitted, mut rejected) = (0, 0);
         let result = answer.and_then(|answer| {
-            let outcomes =
-                parse_outcomes(&answer).map_err(|e| CallError::Contract(e.to_string()))?;
-            if outcomes.len() != batch.len() {
-                return Err(CallError::Contract(format!(
-                    "returned {} outcomes for {} records",
-                    outcomes.len(),
-                    batch.len()
-                )));
-            }
-            for (i, outcome) in outcomes.into_iter().enumerate() {
-                match outcome {
-                    RawOutcome::Emit(outputs) => {
-                        self.stats.records_out += outputs.len() as u64;
-                        for out in outputs {
-                            next.push_raw(out, batch.origins[i]);
-                        }
-                    }
-                    RawOutcome::Reject(reason) => {
-                        self.stats.rejected += 1;
-                        dead_letters.push(self.dead_letter(
+            let name = self.stage.name();
+            let read = read_outcomes(&answer, |i, part| match part {
+                Part::Emit(_) => {}
+                Part::Output(bytes) => {
+                    emitted += 1;
+                    next.push_raw(bytes, batch.origins.get(i).copied().flatten());
+                }
+                Part::Reject(reason) => {
+                    rejected += 1;
+                    if let Some(origin) = batch.origins.get(i) {
+                        dead_letters.push(dead_letter(
+                            name,
                             reason.to_string(),
                             batch.record(i),
-                            batch.origins[i],
+                            *origin,
                         ));
                     }
                 }
+            });
+            match read {
+                Ok(n) if n == batch.len() => Ok(()),
+                Ok(n) => Err(CallError::Contract(format!(
+                    "returned {n} outcomes for {} records",
+                    batch.len()
+                ))),
+                Err(e) => Err(CallError::Contract(e.to_string())),
             }
-            Ok(())
         });
+        if result.is_ok() {
+            self.stats.records_out += emitted;
+            self.stats.rejected += rejected;
+        } else {
+            // Nothing of a failed call goes on: the records are retried or dead-lettered whole.
+            next.truncate(kept);
+            dead_letters.truncate(kept_dead);
+        }
         self.stats.busy += started.elapsed();
         if let Err(err) = &result {
             self.fail(err);
@@ -314,12 +323,16 @@ impl Slot {
     }
 
     fn dead_letter(&self, reason: String, record: Record, input: Option<usize>) -> DeadLetter {
-        DeadLetter {
-            stage: self.stage.name().to_string(),
-            reason,
-            record,
-            input,
-        }
+        dead_letter(self.stage.name(), reason, record, input)
+    }
+}
+
+fn dead_letter(stage: &str, reason: String, record: Record, input: Option<usize>) -> DeadLetter {
+    DeadLetter {
+        stage: stage.to_string(),
+        reason,
+        record,
+        input,
     }
 }
 

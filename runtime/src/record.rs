@@ -70,6 +70,15 @@ impl Encoded {
         self.origins.push(origin);
     }
 
+    /// Drops every record pushed after the first `len`.
+    pub fn truncate(&mut self, len: usize) {
+        if let Some(range) = self.ranges.get(len) {
+            self.buf.truncate(range.start);
+        }
+        self.ranges.truncate(len);
+        self.origins.truncate(len);
+    }
+
     /// Writes the count in front; call after the last push.
     pub fn seal(&mut self) {
         let n = (self.ranges.len() as u32).to_le_bytes();
@@ -116,33 +125,38 @@ impl Encoded {
     }
 }
 
-/// One input's outcome, with its outputs still encoded in the stage's answer.
-pub(crate) enum RawOutcome<'a> {
-    Emit(Vec<&'a [u8]>),
+/// A piece of a stage's answer, still encoded in it.
+pub(crate) enum Part<'a> {
+    /// Input `i` emitted this many records; they follow as `Output`s.
+    Emit(u32),
+    Output(&'a [u8]),
     Reject(&'a str),
 }
 
-/// Reads a stage's answer: one outcome per input, each output checked.
-pub(crate) fn parse_outcomes(buf: &[u8]) -> Result<Vec<RawOutcome<'_>>, WireError> {
+/// Reads a stage's answer front to back, calling `each(input, part)` for
+/// every piece, every output checked; returns how many outcomes it held.
+/// On an error `each` may have seen a prefix of the answer.
+pub(crate) fn read_outcomes<'a>(
+    buf: &'a [u8],
+    mut each: impl FnMut(usize, Part<'a>),
+) -> Result<usize, WireError> {
     let mut reader = Reader::new(buf);
     let n = reader.count(5)?;
-    let mut outcomes = Vec::with_capacity(n);
-    for _ in 0..n {
-        outcomes.push(match reader.outcome()? {
+    for i in 0..n {
+        match reader.outcome()? {
             OutcomeHead::Emit(count) => {
-                let mut outputs = Vec::with_capacity(count.min(1024) as usize);
+                each(i, Part::Emit(count));
                 for _ in 0..count {
                     let start = reader.pos();
                     reader.record()?;
-                    outputs.push(&buf[start..reader.pos()]);
+                    each(i, Part::Output(&buf[start..reader.pos()]));
                 }
-                RawOutcome::Emit(outputs)
             }
-            OutcomeHead::Reject(reason) => RawOutcome::Reject(reason),
-        });
+            OutcomeHead::Reject(reason) => each(i, Part::Reject(reason)),
+        }
     }
     finish(&reader)?;
-    Ok(outcomes)
+    Ok(n)
 }
 
 /// A batch as the stage reads it.
@@ -156,15 +170,18 @@ pub(crate) fn encode_batch(records: &[Record], out: &mut Vec<u8>) {
 
 /// A stage's answer as owned records, for callers outside the chain.
 pub(crate) fn decode_outcomes(buf: &[u8]) -> Result<Vec<Outcome>, WireError> {
-    let outcomes = parse_outcomes(buf)?
-        .into_iter()
-        .map(|outcome| match outcome {
-            RawOutcome::Emit(outputs) => {
-                Outcome::Emit(outputs.into_iter().map(read_checked).collect())
+    let mut outcomes = Vec::new();
+    read_outcomes(buf, |_, part| match part {
+        Part::Emit(count) => {
+            outcomes.push(Outcome::Emit(Vec::with_capacity(count.min(1024) as usize)))
+        }
+        Part::Output(bytes) => {
+            if let Some(Outcome::Emit(outputs)) = outcomes.last_mut() {
+                outputs.push(read_checked(bytes));
             }
-            RawOutcome::Reject(reason) => Outcome::Reject(reason.to_string()),
-        })
-        .collect();
+        }
+        Part::Reject(reason) => outcomes.push(Outcome::Reject(reason.to_string())),
+    })?;
     Ok(outcomes)
 }
 
@@ -190,5 +207,66 @@ fn finish(reader: &Reader<'_>) -> Result<(), WireError> {
             at: 0,
             what: "bytes left over after the last item",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runnel_wire::{put_emit, put_reject};
+
+    fn answer() -> Vec<u8> {
+        let mut buf = Vec::new();
+        put_u32(&mut buf, 3);
+        put_emit(&mut buf, 2);
+        Record::new("a").with_key("k").encode(&mut buf);
+        Record::new("b").with_header("h", "v").encode(&mut buf);
+        put_reject(&mut buf, "too hot");
+        put_emit(&mut buf, 0);
+        buf
+    }
+
+    #[test]
+    fn an_answer_reads_back_as_one_outcome_per_input() {
+        let outcomes = decode_outcomes(&answer()).expect("answer");
+        assert_eq!(
+            outcomes,
+            vec![
+                Outcome::Emit(vec![
+                    Record::new("a").with_key("k"),
+                    Record::new("b").with_header("h", "v")
+                ]),
+                Outcome::Reject("too hot".into()),
+                Outcome::Emit(vec![]),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_cut_answer_is_an_error_wherever_it_is_cut() {
+        let buf = answer();
+        for cut in 0..buf.len() {
+            assert!(decode_outcomes(&buf[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = buf.clone();
+        longer.push(0);
+        assert!(decode_outcomes(&longer).is_err(), "a byte left over");
+    }
+
+    #[test]
+    fn truncate_drops_the_records_pushed_after_a_mark() {
+        let records = [Record::new("one"), Record::new("two")];
+        let mut encoded = Encoded::from_records(&records, [Some(0), Some(1)].into_iter());
+        let kept = encoded.len();
+        let bytes = encoded.buf.len();
+        encoded.push_raw(&encoded.buf.clone()[encoded.ranges[0].clone()], Some(2));
+        encoded.truncate(kept);
+        encoded.seal();
+        assert_eq!(encoded.buf.len(), bytes);
+        let back: Vec<_> = encoded.into_records();
+        assert_eq!(
+            back,
+            vec![(Some(0), records[0].clone()), (Some(1), records[1].clone())]
+        );
     }
 }

@@ -123,7 +123,6 @@ impl Record {
             timestamp: r.timestamp,
             headers: r
                 .headers
-                .into_iter()
                 .map(|(n, v)| (n.to_string(), v.to_string()))
                 .collect(),
         }

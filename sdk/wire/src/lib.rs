@@ -84,8 +84,37 @@ pub struct RecordRef<'a> {
     pub key: Option<&'a str>,
     pub topic: Option<&'a str>,
     pub timestamp: Option<i64>,
-    pub headers: Vec<(&'a str, &'a str)>,
+    pub headers: Headers<'a>,
 }
+
+/// A record's headers, read in place as name/value pairs. They were checked
+/// when the record was read, so reading them takes no allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Headers<'a> {
+    bytes: &'a [u8],
+    count: usize,
+}
+
+impl<'a> Iterator for Headers<'a> {
+    type Item = (&'a str, &'a str);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.count == 0 {
+            return None;
+        }
+        let mut reader = Reader::new(self.bytes);
+        let pair = (reader.str().ok()?, reader.str().ok()?);
+        self.bytes = &self.bytes[reader.pos..];
+        self.count -= 1;
+        Some(pair)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.count, Some(self.count))
+    }
+}
+
+impl ExactSizeIterator for Headers<'_> {}
 
 /// One input's outcome, read in place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,16 +233,20 @@ impl<'a> Reader<'a> {
             None
         };
         let n = self.count(8)?;
-        let mut headers = Vec::with_capacity(n);
+        let start = self.pos;
         for _ in 0..n {
-            headers.push((self.str()?, self.str()?));
+            self.str()?;
+            self.str()?;
         }
         Ok(RecordRef {
             payload,
             key,
             topic,
             timestamp,
-            headers,
+            headers: Headers {
+                bytes: &self.buf[start..self.pos],
+                count: n,
+            },
         })
     }
 
@@ -257,7 +290,8 @@ mod tests {
         assert_eq!(rec.key, Some("d1"));
         assert_eq!(rec.topic, None);
         assert_eq!(rec.timestamp, Some(-5));
-        assert_eq!(rec.headers, vec![("unit", "C")]);
+        assert_eq!(rec.headers.len(), 1);
+        assert_eq!(rec.headers.collect::<Vec<_>>(), vec![("unit", "C")]);
         assert_eq!(r.outcome(), Ok(OutcomeHead::Reject("too hot")));
         assert!(r.is_done());
     }
