@@ -117,32 +117,42 @@ fn wasm_chain(engine: &Engine, stages: &[(&str, &str)]) -> Chain {
         .expect("start chain")
 }
 
+/// Ns per record of one round: `records` through `chain` in batches of `batch`.
+fn round<C, R: Clone>(
+    records: &[R],
+    batch: usize,
+    chain: &mut C,
+    run: &mut impl FnMut(&mut C, Vec<R>) -> usize,
+) -> f64 {
+    let batches: Vec<Vec<R>> = records.chunks(batch).map(<[R]>::to_vec).collect();
+    let started = Instant::now();
+    let mut outputs = 0;
+    for b in batches {
+        outputs += run(chain, b);
+    }
+    let elapsed = started.elapsed();
+    black_box(outputs);
+    elapsed.as_nanos() as f64 / records.len() as f64
+}
+
+fn median(mut figures: Vec<f64>) -> f64 {
+    figures.sort_by(f64::total_cmp);
+    figures[figures.len() / 2]
+}
+
 /// Median ns per record over the rounds; `make` builds a fresh chain per round
-/// so stateful stages start alike.
+/// so stateful stages start alike. Round 0 warms caches and the allocator.
 fn measure<C, R: Clone>(
     records: &[R],
     batch: usize,
     mut make: impl FnMut() -> C,
     mut run: impl FnMut(&mut C, Vec<R>) -> usize,
 ) -> f64 {
-    let mut per_record = Vec::with_capacity(ROUNDS);
-    for round in 0..=ROUNDS {
-        let mut chain = make();
-        let batches: Vec<Vec<R>> = records.chunks(batch).map(<[R]>::to_vec).collect();
-        let started = Instant::now();
-        let mut outputs = 0;
-        for b in batches {
-            outputs += run(&mut chain, b);
-        }
-        let elapsed = started.elapsed();
-        black_box(outputs);
-        if round > 0 {
-            // Round 0 warms caches and the allocator.
-            per_record.push(elapsed.as_nanos() as f64 / records.len() as f64);
-        }
-    }
-    per_record.sort_by(f64::total_cmp);
-    per_record[per_record.len() / 2]
+    let figures = (0..=ROUNDS)
+        .map(|_| round(records, batch, &mut make(), &mut run))
+        .skip(1)
+        .collect();
+    median(figures)
 }
 
 fn main() {
@@ -159,18 +169,30 @@ fn main() {
         if only == "pass" {
             break;
         }
-        let native_ns = measure(&native_in, batch, native_chain, |chain, mut b| {
+        let mut run_native = |chain: &mut Vec<NativeStage>, mut b: Vec<runnel_sdk::Record>| {
             for stage in chain.iter_mut() {
                 b = stage(b);
             }
             b.len()
-        });
-        let wasm_ns = measure(
-            &wasm_in,
-            batch,
-            || wasm_chain(&engine, STAGES),
-            |chain, b| chain.process(b).outputs.len(),
-        );
+        };
+        let mut run_wasm = |chain: &mut Chain, b| chain.process(b).outputs.len();
+        // Rounds alternate between the two, so a change in the machine's
+        // speed during the run (this VM's steal comes and goes) falls on both.
+        let (mut native, mut wasm) = (Vec::new(), Vec::new());
+        for r in 0..=ROUNDS {
+            let n = round(&native_in, batch, &mut native_chain(), &mut run_native);
+            let w = round(
+                &wasm_in,
+                batch,
+                &mut wasm_chain(&engine, STAGES),
+                &mut run_wasm,
+            );
+            if r > 0 {
+                native.push(n);
+                wasm.push(w);
+            }
+        }
+        let (native_ns, wasm_ns) = (median(native), median(wasm));
         println!(
             "{:<44} {native_ns:>12.0}",
             format!("example chain (5 stages), native, batch {batch}")
