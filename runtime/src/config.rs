@@ -44,6 +44,27 @@ pub struct PipelineFile {
     /// MQTT connections by name, used by sources and sinks of type "mqtt".
     #[serde(default)]
     pub mqtt: BTreeMap<String, ConnectionConfig>,
+    /// An HTTP endpoint serving the run's figures for Prometheus.
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// The `[metrics]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address to serve `GET /metrics` on, e.g. `127.0.0.1:9464`.
+    pub listen: Spanned<String>,
+}
+
+impl MetricsConfig {
+    pub fn address(&self) -> Result<std::net::SocketAddr, String> {
+        self.listen.get_ref().parse().map_err(|_| {
+            format!(
+                "metrics.listen must be an IP address and port such as 127.0.0.1:9464, not \"{}\"",
+                self.listen.get_ref()
+            )
+        })
+    }
 }
 
 /// The `[pipeline]` table.
@@ -286,6 +307,11 @@ impl Pipeline {
                     format!("stage `{name}`: wasm file {} not found", wasm.display()),
                 ));
             }
+        }
+        if let Some(metrics) = &self.file.metrics {
+            metrics
+                .address()
+                .map_err(|message| self.error_at(metrics.listen.span(), message))?;
         }
         self.check_mqtt()
     }

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -10,6 +11,7 @@ use anyhow::Context as _;
 use crate::chain::{Chain, ChainOutput, DeadLetter, InputOutcome};
 use crate::codec::LineFormat;
 use crate::config::{ConfigError, Pipeline};
+use crate::metrics::Metrics;
 use crate::mqtt::{Connections, SourceNeeds};
 use crate::sink::{Sink, SinkConfig};
 use crate::source::{Clock, Source};
@@ -142,6 +144,25 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Summary> {
     let mut runner = Runner::open(pipeline, options).await?;
+    if let Some(config) = &pipeline.file.metrics {
+        let address = config
+            .address()
+            .map_err(|message| anyhow::anyhow!("{}: {message}", pipeline.path.display()))?;
+        let metrics = Arc::new(Metrics::new(
+            &runner.name,
+            runner.connections.with_roles().map(|(r, c)| (r, c.clone())),
+        ));
+        let bound = crate::metrics::serve(address, metrics.clone())
+            .await
+            .with_context(|| {
+                format!(
+                    "{}: metrics.listen: cannot listen on {address}",
+                    pipeline.path.display()
+                )
+            })?;
+        tracing::info!("metrics on http://{bound}/metrics");
+        runner.metrics = Some(metrics);
+    }
     let mut source = pipeline
         .file
         .source
@@ -182,6 +203,8 @@ pub(crate) struct Runner {
     /// Outputs handed to the sink, in order, not yet accepted; their
     /// batches are acknowledged as they finish.
     in_flight: std::collections::VecDeque<Delivery>,
+    /// Where the figures go after each step, when `[metrics]` is set.
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// A chain output handed to the sink, its acceptance still to come.
@@ -278,6 +301,7 @@ impl Runner {
             connections,
             batch_size: pipeline.file.pipeline.batch_size,
             in_flight: std::collections::VecDeque::new(),
+            metrics: None,
         })
     }
 
@@ -393,6 +417,7 @@ impl Runner {
                     self.finish_deliveries(source, self.in_flight.len() - 1).await?;
                 }
             }
+            self.publish_metrics();
         }
         self.settle(source).await?;
         // The input ended or a stop was asked for: every stage flushes a last
@@ -402,6 +427,13 @@ impl Runner {
             Clock::Event => self.watermark.unwrap_or_else(now_ms),
         };
         self.flush(now, true).await
+    }
+
+    fn publish_metrics(&self) {
+        if let Some(metrics) = &self.metrics {
+            let stages = self.chain.as_ref().map(Chain::stats);
+            metrics.update(&self.summary, stages);
+        }
     }
 
     /// One batch through the chain. While it runs, earlier deliveries are

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use runnel_tests::mqtt::{by_topic, free_port, publish_all, Background, Collector, Mosquitto};
-use runnel_tests::{read_json_lines, stage, summary_numbers, unique};
+use runnel_tests::{http_get, metric, read_json_lines, stage, summary_numbers, unique};
 
 const BIN: &str = env!("CARGO_BIN_EXE_runnel");
 const STARTUP: Duration = Duration::from_secs(90);
@@ -243,11 +243,23 @@ fn a_broker_restart_mid_stream_loses_nothing() {
     assert_eq!(run.status, Some(0), "{}", run.stderr);
 }
 
+/// The metrics endpoint's text, checked to be served as Prometheus wants it.
+fn scrape(port: u16) -> String {
+    let (status, body) = http_get(port, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("# TYPE runnel_inputs_total counter"),
+        "{body}"
+    );
+    body
+}
+
 #[test]
 fn outputs_for_an_unreachable_upstream_are_spooled_and_replayed_in_order() {
     let dir = tempfile::tempdir().expect("temp dir");
     let local = free_port();
     let upstream_port = free_port();
+    let metrics_port = free_port();
     let text = format!(
         r#"
 [pipeline]
@@ -265,6 +277,9 @@ client_id = "runnel-spool-upstream"
 path = "spool"
 max_mb = 4
 when_full = "refuse-new"
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
 
 [source]
 type = "mqtt"
@@ -307,9 +322,44 @@ topic = "up/{{key}}"
         std::thread::sleep(Duration::from_millis(50));
     }
     runnel.wait_for_log("messages are spooled", Duration::from_secs(10));
+    let figures = scrape(metrics_port);
     let run = runnel.stop();
     assert_eq!(run.status, Some(0), "{}", run.stderr);
     assert_eq!(spooled(), 100, "{}", run.stderr);
+    let upstream = "connection=\"upstream\",role=\"publish\"}";
+    let local_in = "connection=\"local\",role=\"subscribe\"}";
+    let series = |name: &str, labels: &str| {
+        metric(&figures, &format!("{name}{{pipeline=\"pipeline\",{labels}"))
+    };
+    assert_eq!(
+        series("runnel_mqtt_spooled_messages", upstream),
+        Some(100.0),
+        "{figures}"
+    );
+    assert!(
+        series("runnel_mqtt_spooled_bytes", upstream) > Some(1000.0),
+        "{figures}"
+    );
+    assert_eq!(
+        series("runnel_mqtt_connected", upstream),
+        Some(0.0),
+        "{figures}"
+    );
+    assert_eq!(
+        series("runnel_mqtt_connected", local_in),
+        Some(1.0),
+        "{figures}"
+    );
+    assert_eq!(
+        series("runnel_stage_records_in_total", "stage=\"faults\"}"),
+        Some(100.0),
+        "{figures}"
+    );
+    assert_eq!(
+        metric(&figures, "runnel_inputs_total{"),
+        Some(100.0),
+        "{figures}"
+    );
 
     // Upstream back: the spool drains first, then new outputs follow.
     let broker = Mosquitto::start(&dir.path().join("upstream"), upstream_port);
@@ -318,8 +368,25 @@ topic = "up/{{key}}"
     publish_all(local, &one_device(100));
     let got = collector.wait_until(DELIVERY, |got| distinct(got).len() == 200);
     runnel.wait_for_log("spool drained", Duration::from_secs(10));
+    let figures = scrape(metrics_port);
     let run = runnel.stop();
     drop(broker);
+    assert_eq!(
+        metric(
+            &figures,
+            &format!("runnel_mqtt_spooled_messages{{pipeline=\"pipeline\",{upstream}")
+        ),
+        Some(0.0),
+        "{figures}"
+    );
+    assert_eq!(
+        metric(
+            &figures,
+            &format!("runnel_mqtt_connected{{pipeline=\"pipeline\",{upstream}")
+        ),
+        Some(1.0),
+        "{figures}"
+    );
 
     let mut first_seen = Vec::new();
     for n in numbers(&got) {

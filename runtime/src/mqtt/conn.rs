@@ -9,6 +9,7 @@
 //! so a message is never in two queues that could disagree.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -64,6 +65,15 @@ pub struct Connection {
     inbound: Mutex<Option<mpsc::UnboundedReceiver<Inbound>>>,
     generation: Arc<Mutex<u64>>,
     fatal: watch::Receiver<Option<String>>,
+    gauges: Arc<Gauges>,
+}
+
+/// A connection's state for the metrics endpoint, kept by its publisher.
+#[derive(Debug, Default)]
+pub struct Gauges {
+    pub connected: AtomicBool,
+    pub spooled_messages: AtomicU64,
+    pub spooled_bytes: AtomicU64,
 }
 
 /// Topic filters to subscribe to on every (re)connect.
@@ -89,6 +99,7 @@ impl Connection {
         let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
         let (fatal_tx, fatal) = watch::channel(None);
         let generation = Arc::new(Mutex::new(0u64));
+        let gauges = Arc::new(Gauges::default());
         let poller = Poller {
             name: name.clone(),
             url: url.clone(),
@@ -117,6 +128,7 @@ impl Connection {
             replay: None,
             window: window.max(1),
             spool_logged: None,
+            gauges: gauges.clone(),
         };
         tokio::spawn(publisher.run(command_rx, note_rx));
         Arc::new(Connection {
@@ -127,7 +139,13 @@ impl Connection {
             inbound: Mutex::new(Some(inbound_rx)),
             generation,
             fatal,
+            gauges,
         })
+    }
+
+    /// Connected or not, and how much waits in the spool.
+    pub fn gauges(&self) -> &Gauges {
+        &self.gauges
     }
 
     pub fn name(&self) -> &str {
@@ -413,6 +431,7 @@ struct Publisher {
     /// Most messages handed to rumqttc at once.
     window: usize,
     spool_logged: Option<Instant>,
+    gauges: Arc<Gauges>,
 }
 
 impl Publisher {
@@ -440,7 +459,19 @@ impl Publisher {
                 },
             }
             self.pump();
+            self.report();
         }
+    }
+
+    fn report(&self) {
+        let gauges = &self.gauges;
+        gauges.connected.store(self.connected, Ordering::Relaxed);
+        let (messages, bytes) = self
+            .spool
+            .as_ref()
+            .map_or((0, 0), |s| (s.count(), s.bytes()));
+        gauges.spooled_messages.store(messages, Ordering::Relaxed);
+        gauges.spooled_bytes.store(bytes, Ordering::Relaxed);
     }
 
     fn spooling(&self) -> bool {

@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-pub use conn::{Connection, Inbound, Subscription};
+pub use conn::{Connection, Gauges, Inbound, Subscription};
 pub use link::{Delivery, Outbound};
 pub use spool::{SpoolConfig, WhenFull};
 pub use topic::{KeyPattern, TopicTemplate};
@@ -309,6 +309,12 @@ impl Connections {
             }
         }
         Ok(connections)
+    }
+
+    /// Every client connection with its role (`subscribe` or `publish`).
+    pub fn with_roles(&self) -> impl Iterator<Item = (&'static str, &Arc<Connection>)> {
+        let subscribers = self.subscribers.values().map(|c| ("subscribe", c));
+        subscribers.chain(self.publishers.values().map(|c| ("publish", c)))
     }
 
     /// The connection a source reads `name`'s messages from.
