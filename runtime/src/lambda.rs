@@ -51,6 +51,13 @@ pub async fn serve(pipeline_path: &std::path::Path, options: &RunOptions) -> any
                 pipeline_path.display()
             );
         };
+        if pipeline.file.metrics.is_some() {
+            // No port of a Lambda function can be scraped; its figures are
+            // CloudWatch's.
+            tracing::warn!(
+                "[metrics] is not served under Lambda; see the function's CloudWatch metrics"
+            );
+        }
         let runner = Runner::open(&pipeline, options).await?;
         anyhow::Ok((event, runner))
     }
