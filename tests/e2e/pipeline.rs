@@ -162,6 +162,27 @@ type = "stdout"
     assert_eq!(outputs[0]["headers"]["seq"], "0", "headers carried through");
 }
 
+#[test]
+fn a_metrics_port_already_taken_stops_the_start_and_says_which() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("address").port();
+    let pipeline = format!(
+        "[source]\ntype = \"stdin\"\n[sink]\ntype = \"stdout\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"
+    );
+    std::fs::write(dir.path().join("p.toml"), pipeline).expect("write");
+    let run = run_binary(Path::new(BIN), dir.path(), &["run", "p.toml"], b"{}\n");
+    assert_eq!(run.status, Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr.contains(&format!(
+            "p.toml: metrics.listen: cannot listen on 127.0.0.1:{port}"
+        )),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stdout.is_empty(), "no record was read: {}", run.stdout);
+}
+
 /// `runnel check` of the pipeline in `dir` with this cache and `RUNNEL_CPU`
 /// (unset when `None`): its exit status and stderr.
 fn check_with_cache(dir: &Path, cache: &Path, cpu: Option<&str>) -> (bool, String) {
