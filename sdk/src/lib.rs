@@ -42,6 +42,11 @@
 //! Each attribute also defines a [`Stage`] type named after the function
 //! (`fn to_celsius` gives `ToCelsiusStage`) for tests that drive the stage
 //! the way the host does.
+//!
+//! Built for wasm, the SDK installs its own global allocator (size classes
+//! with free lists), since std's costs about as much per record as a simple
+//! stage's work there. A crate with its own `#[global_allocator]` depends on
+//! the SDK with `default-features = false` to turn it off.
 
 #[doc(hidden)]
 pub mod alloc;
