@@ -110,52 +110,46 @@ impl Metrics {
         }
 
         type Figure = fn(&StageStats) -> String;
-        let per_stage: [(&str, &str, &str, Figure); 7] = [
+        // Every per-stage figure is a counter.
+        let per_stage: [(&str, &str, Figure); 7] = [
             (
                 "runnel_stage_calls_total",
                 "Calls into the stage, retries included.",
-                "counter",
                 |s| s.calls.to_string(),
             ),
             (
                 "runnel_stage_records_in_total",
                 "Records given to the stage.",
-                "counter",
                 |s| s.records_in.to_string(),
             ),
             (
                 "runnel_stage_records_out_total",
                 "Records the stage emitted.",
-                "counter",
                 |s| s.records_out.to_string(),
             ),
             (
                 "runnel_stage_rejected_total",
                 "Records the stage sent to the dead letter.",
-                "counter",
                 |s| s.rejected.to_string(),
             ),
             (
                 "runnel_stage_failed_calls_total",
                 "Calls that trapped, panicked, timed out or hit the memory cap.",
-                "counter",
                 |s| s.failed_calls.to_string(),
             ),
             (
                 "runnel_stage_restarts_total",
                 "Instances replaced after a failed call.",
-                "counter",
                 |s| s.restarts.to_string(),
             ),
             (
                 "runnel_stage_busy_seconds_total",
                 "Time spent in the stage's calls.",
-                "counter",
                 |s| s.busy.as_secs_f64().to_string(),
             ),
         ];
-        for (name, help, kind, figure) in per_stage {
-            header(&mut out, name, help, kind);
+        for (name, help, figure) in per_stage {
+            header(&mut out, name, help, "counter");
             for (stage, stats) in &stages {
                 let _ = writeln!(
                     out,
