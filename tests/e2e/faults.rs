@@ -93,6 +93,25 @@ fn a_panicking_stage_loses_only_the_record_it_panicked_on() {
 }
 
 #[test]
+fn a_miscounted_answer_lets_no_output_through_twice() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // The first batch's answer is one outcome short: nothing of it may go on
+    // before the records are retried one by one.
+    let run = run_faults(dir.path(), &["a", "b", "miscount", "c", "d"], "");
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert_eq!(outputs(dir.path()), ["a", "b", "c", "d"]);
+    let dead = dead_reasons(dir.path());
+    assert_eq!(
+        dead,
+        [(
+            "miscount".to_string(),
+            "stage broke the contract: returned 0 outcomes for 1 records".to_string()
+        )]
+    );
+    assert_counts_add_up(&run, 5);
+}
+
+#[test]
 fn replacing_an_instance_says_its_state_is_lost() {
     let dir = tempfile::tempdir().expect("temp dir");
     let run = run_faults(dir.path(), &["panic", "a"], "");

@@ -5,7 +5,7 @@
 //! waiting in the host rather than running), `hog` (allocates without
 //! bound), `reject`, `write-file`, `read-env` (reports what environment it
 //! sees), `connect` (opens a TCP connection), `print` (writes to stdout and
-//! stderr).
+//! stderr), `miscount` (the whole batch's answer leaves out its last outcome).
 //! Config: `fail_init = "reason"` makes `init` fail.
 
 use runnel_sdk::{Error, Record, Stage};
@@ -30,6 +30,15 @@ impl Stage for Faults {
             return Err(Error::msg(reason));
         }
         Ok(Faults { hoard: Vec::new() })
+    }
+
+    fn process_batch(&mut self, batch: Vec<Record>) -> Vec<Result<Vec<Record>, Error>> {
+        let miscount = batch.iter().any(|r| r.payload == b"miscount");
+        let mut outcomes: Vec<_> = batch.into_iter().map(|r| self.process(r)).collect();
+        if miscount {
+            outcomes.pop();
+        }
+        outcomes
     }
 
     fn process(&mut self, record: Record) -> Result<Vec<Record>, Error> {
@@ -87,6 +96,13 @@ mod tests {
         .err()
         .expect("init must fail");
         assert_eq!(err.message(), "no");
+    }
+
+    #[test]
+    fn a_miscount_answers_one_outcome_short() {
+        let mut stage = Faults::init(Config::default()).expect("init");
+        let batch = vec![Record::new("a"), Record::new("miscount"), Record::new("b")];
+        assert_eq!(stage.process_batch(batch).len(), 2);
     }
 
     #[test]
