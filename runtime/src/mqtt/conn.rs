@@ -758,3 +758,129 @@ impl Publisher {
         self.parked.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mqtt::link::{connect, LinkOptions};
+    use bytes::BytesMut;
+    use rumqttc::{ConnAck, ConnectReturnCode, Packet, PubAck};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// The broker's end of one connection, driven packet by packet so a test
+    /// can ack out of order and drop the connection at a chosen moment.
+    struct BrokerEnd {
+        stream: TcpStream,
+        buf: BytesMut,
+    }
+
+    impl BrokerEnd {
+        async fn accept(listener: &TcpListener, session_present: bool) -> BrokerEnd {
+            let (stream, _) = listener.accept().await.expect("accept the client");
+            let mut end = BrokerEnd {
+                stream,
+                buf: BytesMut::new(),
+            };
+            match end.read().await {
+                Packet::Connect(..) => {}
+                other => panic!("expected CONNECT, got {other:?}"),
+            }
+            let ack = ConnAck::new(ConnectReturnCode::Success, session_present);
+            end.write(Packet::ConnAck(ack)).await;
+            end
+        }
+
+        async fn read(&mut self) -> Packet {
+            loop {
+                match Packet::read(&mut self.buf, 1 << 20) {
+                    Ok(packet) => return packet,
+                    Err(rumqttc::Error::InsufficientBytes(_)) => {}
+                    Err(err) => panic!("bad packet from the client: {err}"),
+                }
+                let n = self.stream.read_buf(&mut self.buf).await.expect("read");
+                assert!(n > 0, "the client closed the connection");
+            }
+        }
+
+        async fn write(&mut self, packet: Packet) {
+            let mut out = BytesMut::new();
+            packet.write(&mut out, 1 << 20).expect("encode");
+            self.stream.write_all(&out).await.expect("write");
+        }
+
+        async fn next_publish(&mut self) -> rumqttc::Publish {
+            loop {
+                match self.read().await {
+                    Packet::Publish(p) => return p,
+                    Packet::PingReq => self.write(Packet::PingResp).await,
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn text(p: &rumqttc::Publish) -> String {
+        String::from_utf8_lossy(&p.payload).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_drop_while_a_publish_waits_for_its_packet_id_stalls_nothing() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let options = LinkOptions {
+            client_id: "collision".into(),
+            host: "127.0.0.1".into(),
+            port,
+            keep_alive: Duration::from_secs(60),
+            clean_start: false,
+            credentials: None,
+            tls: None,
+            max_packet_bytes: 1 << 20,
+            inflight: 2,
+            request_capacity: 16,
+        };
+        let (client, link) = connect(options, false);
+        let url = format!("mqtt://127.0.0.1:{port}");
+        let conn = Connection::start("out".into(), url, client, link, None, None, 4);
+        let messages = (0..4)
+            .map(|i| Outbound {
+                topic: "t".into(),
+                payload: format!("m{i}").into_bytes(),
+                qos: 1,
+                retain: false,
+                properties: Vec::new(),
+            })
+            .collect();
+        let published = tokio::spawn(conn.start_publish(messages));
+
+        let mut first = BrokerEnd::accept(&listener, false).await;
+        let m0 = first.next_publish().await;
+        let m1 = first.next_publish().await;
+        assert_eq!((m0.pkid, m1.pkid), (1, 2));
+        // Acking the second first frees one slot; the next publish wants
+        // packet id 1, which m0 still holds, so the client holds it back.
+        first.write(Packet::PubAck(PubAck::new(2))).await;
+        let held = tokio::time::timeout(Duration::from_millis(300), first.next_publish()).await;
+        assert!(held.is_err(), "the client should wait for packet id 1");
+        drop(first);
+
+        let mut second = BrokerEnd::accept(&listener, true).await;
+        let mut seen = vec![text(&m1)];
+        while seen.len() < 4 {
+            let p = tokio::time::timeout(Duration::from_secs(10), second.next_publish())
+                .await
+                .unwrap_or_else(|_| panic!("no publish after the reconnect; seen {seen:?}"));
+            second.write(Packet::PubAck(PubAck::new(p.pkid))).await;
+            seen.push(text(&p));
+        }
+        seen.sort();
+        assert_eq!(seen, ["m0", "m1", "m2", "m3"]);
+        let outcome = tokio::time::timeout(Duration::from_secs(10), published)
+            .await
+            .expect("the publish settles once all are acked")
+            .expect("publish task")
+            .expect("publish");
+        assert_eq!(outcome, vec![Ok(()); 4]);
+    }
+}

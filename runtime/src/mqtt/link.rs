@@ -253,15 +253,22 @@ impl LinkLoop {
     /// Forgets requests the client queued but the broker never took, so a
     /// reconnect does not send them behind runnel's back: the connection
     /// resends or spools them itself, in order.
+    ///
+    /// That includes a publish held back for a packet id the broker had not
+    /// freed: rumqttc's `clean` keeps it, and while it is kept the event loop
+    /// takes no new request, so a drop at that moment would stall every
+    /// publish after the reconnect.
     pub fn forget_pending(&mut self) {
         match self {
             LinkLoop::V4(l) => {
                 l.clean();
                 l.pending.clear();
+                l.state.collision = None;
             }
             LinkLoop::V5(l) => {
                 l.clean();
                 l.pending.clear();
+                l.state.collision = None;
             }
         }
     }
