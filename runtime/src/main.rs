@@ -2,10 +2,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
 use runnel::config::{ConfigError, Pipeline};
 use runnel::run::{engine_for, start_chain};
+use runnel::source::SourceConfig;
 use runnel::RunOptions;
 
 /// Exit code for a pipeline file or stage that is not valid.
@@ -112,6 +114,10 @@ fn main() -> ExitCode {
     code
 }
 
+/// How long a requested stop waits for outputs under way to be accepted
+/// before it gives them up; a second Ctrl-C or SIGTERM gives up at once.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// How long a stopping process waits for its last I/O threads.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -137,12 +143,42 @@ fn invalid(err: &ConfigError) -> ExitCode {
 }
 
 async fn run(path: PathBuf, options: RunOptions) -> ExitCode {
-    let shutdown = shutdown_signal();
+    let stops = stop_requests();
     let pipeline = match load(&path) {
         Ok(pipeline) => pipeline,
         Err(code) => return code,
     };
-    match runnel::run(&pipeline, &options, shutdown).await {
+    let shutdown = {
+        let mut stops = stops.clone();
+        async move { stop_requested(&mut stops, 1).await }
+    };
+    // A stop waits for outputs under way, which a broker out of reach never
+    // acknowledges; it must not wait forever for that.
+    let give_up = {
+        let mut stops = stops.clone();
+        async move {
+            stop_requested(&mut stops, 1).await;
+            tokio::select! {
+                () = tokio::time::sleep(STOP_GRACE) => {}
+                () = stop_requested(&mut stops, 2) => {}
+            }
+        }
+    };
+    let result = tokio::select! {
+        result = runnel::run(&pipeline, &options, shutdown) => result,
+        () = give_up => {
+            let inputs = match pipeline.file.source {
+                SourceConfig::Mqtt { .. } => {
+                    "their inputs were not acknowledged, so a broker that keeps the session \
+                     delivers them again"
+                }
+                _ => "they were not delivered",
+            };
+            eprintln!("runnel: stopped without waiting longer for outputs under way: {inputs}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    match result {
         Ok(summary) => {
             eprintln!("runnel: {summary}");
             ExitCode::SUCCESS
@@ -195,34 +231,44 @@ fn check(path: PathBuf) -> ExitCode {
     }
 }
 
-/// Resolves on Ctrl-C or SIGTERM (what systemd and Lambda send). The
-/// handlers are installed when this is called, not when it is first awaited,
-/// so a stop that comes while the stages load or the broker is still being
-/// reached ends the run cleanly instead of killing the process.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+/// Counts stop requests: Ctrl-C or SIGTERM (what systemd and Lambda send).
+/// The handlers are installed when this is called, not when it is first
+/// awaited, so a stop that comes while the stages load or the broker is still
+/// being reached ends the run cleanly instead of killing the process.
+fn stop_requests() -> watch::Receiver<u32> {
+    let (requests, count) = watch::channel(0u32);
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let interrupt = signal(SignalKind::interrupt());
-        let terminate = signal(SignalKind::terminate());
-        async move {
-            match (interrupt, terminate) {
-                (Ok(mut interrupt), Ok(mut terminate)) => {
+        if let (Ok(mut interrupt), Ok(mut terminate)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            tokio::spawn(async move {
+                loop {
                     tokio::select! {
-                        _ = interrupt.recv() => {}
-                        _ = terminate.recv() => {}
+                        Some(()) = interrupt.recv() => {}
+                        Some(()) = terminate.recv() => {}
+                        else => break,
                     }
+                    requests.send_modify(|n| *n += 1);
                 }
-                _ => {
-                    let _ = tokio::signal::ctrl_c().await;
-                }
-            }
+            });
+            return count;
         }
     }
-    #[cfg(not(unix))]
-    {
-        async {
-            let _ = tokio::signal::ctrl_c().await;
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            requests.send_modify(|n| *n += 1);
         }
+    });
+    count
+}
+
+/// Resolves once `times` stops were asked for.
+async fn stop_requested(count: &mut watch::Receiver<u32>, times: u32) {
+    if count.wait_for(|n| *n >= times).await.is_err() {
+        // No signal can come any more.
+        std::future::pending::<()>().await;
     }
 }

@@ -243,6 +243,78 @@ fn a_broker_restart_mid_stream_loses_nothing() {
     assert_eq!(run.status, Some(0), "{}", run.stderr);
 }
 
+#[test]
+fn a_stop_gives_up_on_outputs_for_a_broker_out_of_reach_and_the_next_start_delivers_them() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let source = Mosquitto::start(&dir.path().join("source"), free_port());
+    let mut sink = Mosquitto::start(&dir.path().join("sink"), free_port());
+    let metrics_port = free_port();
+    let text = format!(
+        r#"
+[mqtt.in]
+{}
+[mqtt.out]
+{}
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+
+[source]
+type = "mqtt"
+connection = "in"
+topics = ["sensors/+/telemetry"]
+qos = 1
+key = "sensors/{{key}}/telemetry"
+
+[[stage]]
+name = "faults"
+wasm = {:?}
+
+[sink]
+type = "mqtt"
+connection = "out"
+topic = "out/{{key}}"
+qos = 1
+"#,
+        persistent(&source.url()),
+        persistent(&sink.url()),
+        stage("faults").display().to_string()
+    );
+    std::fs::write(dir.path().join("p.toml"), text).expect("write pipeline");
+    let mut runnel = start(dir.path());
+
+    sink.stop();
+    publish_all(source.port, &readings(0, 5));
+    let started = std::time::Instant::now();
+    while metric(&scrape(metrics_port), "runnel_inputs_total{") != Some(5.0) {
+        assert!(started.elapsed() < DELIVERY, "{}", runnel.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    runnel.terminate();
+    runnel.wait_for_log("stopping", DELIVERY);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        runnel.running(),
+        "runnel should wait for the outputs under way:\n{}",
+        runnel.log()
+    );
+    runnel.terminate();
+    let run = runnel.finish();
+    assert_eq!(run.status, Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("their inputs were not acknowledged"),
+        "{}",
+        run.stderr
+    );
+
+    sink.restart();
+    let collector = Collector::start(sink.port, &["out/#"]);
+    let runnel = start(dir.path());
+    let got = collector.wait_until(DELIVERY, |got| distinct(got).len() == 5);
+    let run = runnel.stop();
+    assert_eq!(distinct(&got), (0..5).collect(), "{}", run.stderr);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+}
+
 /// The metrics endpoint's text, checked to be served as Prometheus wants it.
 fn scrape(port: u16) -> String {
     let (status, body) = http_get(port, "/metrics").expect("GET /metrics");

@@ -188,10 +188,19 @@ impl Background {
 
     /// Asks runnel to stop (SIGTERM) and waits for it.
     pub fn stop(self) -> Run {
+        self.terminate();
+        self.finish()
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn terminate(&self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        self.finish()
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Waits for runnel to exit by itself.
