@@ -143,7 +143,10 @@ impl Background {
             .args(args)
             .current_dir(dir)
             .env("RUNNEL_CACHE_DIR", shared_cache_dir())
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUNNEL_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out).expect("output file"))

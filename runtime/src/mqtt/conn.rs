@@ -271,52 +271,22 @@ impl Poller {
                         return;
                     }
                 }
-                Ok(LinkEvent::Message(message)) => {
-                    let generation = self.generation.lock().map_or(0, |g| *g);
-                    let inbound = Inbound {
-                        message: *message,
-                        generation,
-                        arrived_ms: crate::run::now_ms(),
-                    };
-                    // Nobody reads when no source uses this connection.
-                    let _ = self.inbound.send(inbound);
-                }
-                Ok(LinkEvent::Subscribed { refused }) if refused.is_empty() => {
-                    if let Some(sub) = &self.subscription {
-                        tracing::info!(
-                            connection = %self.name,
-                            filters = %sub.filters.join(", "),
-                            qos = sub.qos,
-                            "subscribed"
-                        );
-                    }
-                }
-                Ok(LinkEvent::Subscribed { refused }) => {
-                    let filters: Vec<&str> = refused
-                        .iter()
-                        .filter_map(|&i| {
-                            self.subscription
-                                .as_ref()
-                                .and_then(|s| s.filters.get(i))
-                                .map(String::as_str)
-                        })
-                        .collect();
-                    let reason = format!(
-                        "connection `{}` ({}): the broker refused the subscription to {}",
-                        self.name,
-                        self.url,
-                        filters.join(", ")
-                    );
-                    self.fail(reason);
-                    return;
-                }
-                Ok(LinkEvent::Other) => {}
                 Ok(event) => {
-                    if self.notes.send(Note::Link(event)).is_err() {
+                    if !self.handle(event) {
                         return;
                     }
                 }
                 Err(err) => {
+                    // What rumqttc read or sent before the error belongs to
+                    // the connection that dropped: it is told first, under
+                    // that connection's generation. Left buffered, a publish
+                    // sent on the old connection would be reported after the
+                    // reconnect and matched to the wrong message.
+                    for event in self.link.take_buffered() {
+                        if !self.handle(event) {
+                            return;
+                        }
+                    }
                     self.take_back_requests();
                     let reason =
                         format!("connection `{}` ({}): {}", self.name, self.url, err.message);
@@ -342,6 +312,57 @@ impl Poller {
                     tokio::time::sleep(delay).await;
                 }
             }
+        }
+    }
+
+    /// Passes on one event of the connection; `false` once the connection
+    /// is done for (refused subscription, or nobody listens any more).
+    fn handle(&mut self, event: LinkEvent) -> bool {
+        match event {
+            LinkEvent::Message(message) => {
+                let generation = self.generation.lock().map_or(0, |g| *g);
+                let inbound = Inbound {
+                    message: *message,
+                    generation,
+                    arrived_ms: crate::run::now_ms(),
+                };
+                // Nobody reads when no source uses this connection.
+                let _ = self.inbound.send(inbound);
+                true
+            }
+            LinkEvent::Subscribed { refused } if refused.is_empty() => {
+                if let Some(sub) = &self.subscription {
+                    tracing::info!(
+                        connection = %self.name,
+                        filters = %sub.filters.join(", "),
+                        qos = sub.qos,
+                        "subscribed"
+                    );
+                }
+                true
+            }
+            LinkEvent::Subscribed { refused } => {
+                let filters: Vec<&str> = refused
+                    .iter()
+                    .filter_map(|&i| {
+                        self.subscription
+                            .as_ref()
+                            .and_then(|s| s.filters.get(i))
+                            .map(String::as_str)
+                    })
+                    .collect();
+                let reason = format!(
+                    "connection `{}` ({}): the broker refused the subscription to {}",
+                    self.name,
+                    self.url,
+                    filters.join(", ")
+                );
+                self.fail(reason);
+                false
+            }
+            // A connack is only ever returned by `poll` itself.
+            LinkEvent::Other | LinkEvent::Connected { .. } => true,
+            event => self.notes.send(Note::Link(event)).is_ok(),
         }
     }
 
@@ -555,18 +576,27 @@ impl Publisher {
 
     fn note(&mut self, note: Note) {
         match note {
-            Note::Connected => self.connected = true,
+            Note::Connected => {
+                self.connected = true;
+                tracing::debug!(
+                    connection = %self.name,
+                    queued = self.queue.len(),
+                    batches = self.batches.len(),
+                    "publishing resumes"
+                );
+            }
             Note::Link(LinkEvent::Sent(pkid)) => self.sent(pkid),
             Note::Link(LinkEvent::AwaitingId(pkid)) => {
                 if let Some(p) = self.unassigned.pop_front() {
                     self.parked.insert(pkid, p);
                 }
             }
-            Note::Link(LinkEvent::Acked(pkid, result)) => {
-                if let Some(p) = self.inflight.remove(&pkid) {
-                    self.complete(p, result);
+            Note::Link(LinkEvent::Acked(pkid, result)) => match self.inflight.remove(&pkid) {
+                Some(p) => self.complete(p, result),
+                None => {
+                    tracing::debug!(connection = %self.name, pkid, "ack for no message in flight")
                 }
-            }
+            },
             Note::Link(_) => {}
             Note::Disconnected(answer) => {
                 self.connected = false;
@@ -588,6 +618,8 @@ impl Publisher {
             self.inflight.insert(pkid, p);
         } else if let Some(p) = self.unassigned.pop_front() {
             self.inflight.insert(pkid, p);
+        } else {
+            tracing::debug!(connection = %self.name, pkid, "sent with no message waiting for it");
         }
     }
 
@@ -824,12 +856,9 @@ mod tests {
         String::from_utf8_lossy(&p.payload).into_owned()
     }
 
-    #[tokio::test]
-    async fn a_drop_while_a_publish_waits_for_its_packet_id_stalls_nothing() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("address").port();
-        let options = LinkOptions {
-            client_id: "collision".into(),
+    fn options(port: u16, inflight: u16) -> LinkOptions {
+        LinkOptions {
+            client_id: "conn-test".into(),
             host: "127.0.0.1".into(),
             port,
             keep_alive: Duration::from_secs(60),
@@ -837,13 +866,14 @@ mod tests {
             credentials: None,
             tls: None,
             max_packet_bytes: 1 << 20,
-            inflight: 2,
+            inflight,
             request_capacity: 16,
-        };
-        let (client, link) = connect(options, false);
-        let url = format!("mqtt://127.0.0.1:{port}");
-        let conn = Connection::start("out".into(), url, client, link, None, None, 4);
-        let messages = (0..4)
+        }
+    }
+
+    /// QoS 1 messages with payloads m0, m1, ...
+    fn messages(count: usize) -> Vec<Outbound> {
+        (0..count)
             .map(|i| Outbound {
                 topic: "t".into(),
                 payload: format!("m{i}").into_bytes(),
@@ -851,8 +881,17 @@ mod tests {
                 retain: false,
                 properties: Vec::new(),
             })
-            .collect();
-        let published = tokio::spawn(conn.start_publish(messages));
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_drop_while_a_publish_waits_for_its_packet_id_stalls_nothing() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let (client, link) = connect(options(port, 2), false);
+        let url = format!("mqtt://127.0.0.1:{port}");
+        let conn = Connection::start("out".into(), url, client, link, None, None, 4);
+        let published = tokio::spawn(conn.start_publish(messages(4)));
 
         let mut first = BrokerEnd::accept(&listener, false).await;
         let m0 = first.next_publish().await;
@@ -882,5 +921,48 @@ mod tests {
             .expect("publish task")
             .expect("publish");
         assert_eq!(outcome, vec![Ok(()); 4]);
+    }
+
+    #[tokio::test]
+    async fn events_left_from_a_dropped_connection_are_not_taken_for_the_next_ones() {
+        // Nothing listens at first, so the first connect fails.
+        let port = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            probe.local_addr().expect("address").port()
+        };
+        let (client, mut link) = connect(options(port, 10), false);
+        // What a publish whose write failed leaves in rumqttc: its "sent
+        // with packet id 7" event, never handed out before the error.
+        match &mut link {
+            LinkLoop::V4(l) => l
+                .state
+                .events
+                .push_back(rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(7))),
+            LinkLoop::V5(_) => unreachable!("connected with MQTT 3.1.1"),
+        }
+        let url = format!("mqtt://127.0.0.1:{port}");
+        let conn = Connection::start("out".into(), url, client, link, None, None, 8);
+        let published = tokio::spawn(conn.start_publish(messages(3)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        let listener = TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("rebind");
+        let mut broker = BrokerEnd::accept(&listener, false).await;
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            let p = tokio::time::timeout(Duration::from_secs(10), broker.next_publish())
+                .await
+                .unwrap_or_else(|_| panic!("publishes stopped; seen {seen:?}"));
+            broker.write(Packet::PubAck(PubAck::new(p.pkid))).await;
+            seen.push(text(&p));
+        }
+        assert_eq!(seen, ["m0", "m1", "m2"]);
+        let outcome = tokio::time::timeout(Duration::from_secs(10), published)
+            .await
+            .expect("every acked message settles its publish")
+            .expect("publish task")
+            .expect("publish");
+        assert_eq!(outcome, vec![Ok(()); 3]);
     }
 }

@@ -250,6 +250,15 @@ impl LinkLoop {
         }
     }
 
+    /// Takes the events rumqttc read or made but has not yet handed out;
+    /// `poll` returns them one at a time, even after a reconnect.
+    pub fn take_buffered(&mut self) -> Vec<LinkEvent> {
+        match self {
+            LinkLoop::V4(l) => l.state.events.drain(..).map(event_v4).collect(),
+            LinkLoop::V5(l) => l.state.events.drain(..).map(event_v5).collect(),
+        }
+    }
+
     /// Forgets requests the client queued but the broker never took, so a
     /// reconnect does not send them behind runnel's back: the connection
     /// resends or spools them itself, in order.
