@@ -448,6 +448,9 @@ impl Runner {
     ) -> anyhow::Result<()> {
         let before = self.watermark;
         self.summary.inputs += batch.inputs() as u64;
+        // Shown now, as the batch below may wait long on an earlier delivery
+        // (a broker out of reach) before the loop publishes the figures.
+        self.publish_metrics();
         if clock == Clock::Event {
             let newest = batch.records.iter().filter_map(|r| r.timestamp).max();
             self.watermark = self.watermark.max(newest);
