@@ -850,10 +850,34 @@ mod tests {
                 }
             }
         }
+
+        /// Takes `count` publishes, acking each, and returns their payloads.
+        async fn ack_publishes(&mut self, count: usize) -> Vec<String> {
+            let mut seen = Vec::new();
+            while seen.len() < count {
+                let p = tokio::time::timeout(Duration::from_secs(10), self.next_publish())
+                    .await
+                    .unwrap_or_else(|_| panic!("publishes stopped; seen {seen:?}"));
+                self.write(Packet::PubAck(PubAck::new(p.pkid))).await;
+                seen.push(text(&p));
+            }
+            seen
+        }
     }
 
     fn text(p: &rumqttc::Publish) -> String {
         String::from_utf8_lossy(&p.payload).into_owned()
+    }
+
+    /// What a publish came to, once every message was acked.
+    async fn settled(
+        published: tokio::task::JoinHandle<Result<PublishOutcome, String>>,
+    ) -> PublishOutcome {
+        tokio::time::timeout(Duration::from_secs(10), published)
+            .await
+            .expect("the publish settles once all are acked")
+            .expect("publish task")
+            .expect("publish")
     }
 
     fn options(port: u16, inflight: u16) -> LinkOptions {
@@ -906,21 +930,10 @@ mod tests {
 
         let mut second = BrokerEnd::accept(&listener, true).await;
         let mut seen = vec![text(&m1)];
-        while seen.len() < 4 {
-            let p = tokio::time::timeout(Duration::from_secs(10), second.next_publish())
-                .await
-                .unwrap_or_else(|_| panic!("no publish after the reconnect; seen {seen:?}"));
-            second.write(Packet::PubAck(PubAck::new(p.pkid))).await;
-            seen.push(text(&p));
-        }
+        seen.extend(second.ack_publishes(3).await);
         seen.sort();
         assert_eq!(seen, ["m0", "m1", "m2", "m3"]);
-        let outcome = tokio::time::timeout(Duration::from_secs(10), published)
-            .await
-            .expect("the publish settles once all are acked")
-            .expect("publish task")
-            .expect("publish");
-        assert_eq!(outcome, vec![Ok(()); 4]);
+        assert_eq!(settled(published).await, vec![Ok(()); 4]);
     }
 
     #[tokio::test]
@@ -949,20 +962,7 @@ mod tests {
             .await
             .expect("rebind");
         let mut broker = BrokerEnd::accept(&listener, false).await;
-        let mut seen = Vec::new();
-        while seen.len() < 3 {
-            let p = tokio::time::timeout(Duration::from_secs(10), broker.next_publish())
-                .await
-                .unwrap_or_else(|_| panic!("publishes stopped; seen {seen:?}"));
-            broker.write(Packet::PubAck(PubAck::new(p.pkid))).await;
-            seen.push(text(&p));
-        }
-        assert_eq!(seen, ["m0", "m1", "m2"]);
-        let outcome = tokio::time::timeout(Duration::from_secs(10), published)
-            .await
-            .expect("every acked message settles its publish")
-            .expect("publish task")
-            .expect("publish");
-        assert_eq!(outcome, vec![Ok(()); 3]);
+        assert_eq!(broker.ack_publishes(3).await, ["m0", "m1", "m2"]);
+        assert_eq!(settled(published).await, vec![Ok(()); 3]);
     }
 }
