@@ -3,9 +3,13 @@
 
 use std::cell::RefCell;
 
-use runnel_wire::{put_emit, put_reject, put_u32, Reader, MIN_RECORD};
+use runnel_wire::{put_emit, put_record_with, put_reject, put_u32, Reader, MIN_RECORD};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
-use crate::{parse_config, Record, Stage};
+pub use runnel_wire::RecordRef;
+
+use crate::{parse_config, Error, Record, Stage};
 
 #[cfg(target_family = "wasm")]
 pub mod bindings {
@@ -51,39 +55,123 @@ pub fn init<S: Stage>(slot: &RefCell<Option<S>>, config: String) -> Result<(), S
     Ok(())
 }
 
-/// Decodes a batch, runs it, and encodes one outcome per input.
+/// Runs an encoded batch and encodes one outcome per input.
 pub fn process<S: Stage>(slot: &RefCell<Option<S>>, batch: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(batch.len() + 64);
-    let records = match decode_records(batch) {
-        Ok(records) => records,
-        // Only a host bug gets here; an empty answer makes the host say so.
-        Err(_) => return out,
-    };
     let mut slot = slot.borrow_mut();
-    let Some(stage) = slot.as_mut() else {
-        put_u32(&mut out, records.len() as u32);
-        for _ in &records {
-            put_reject(&mut out, NOT_STARTED);
+    match slot.as_mut() {
+        Some(stage) => stage.process_encoded(batch, &mut out),
+        None => {
+            let n = Reader::new(batch).count(MIN_RECORD).unwrap_or(0);
+            put_u32(&mut out, n as u32);
+            for _ in 0..n {
+                put_reject(&mut out, NOT_STARTED);
+            }
         }
-        return out;
+    }
+    out
+}
+
+/// [`Stage::process_encoded`] for any stage: the batch decoded into owned
+/// records, [`Stage::process_batch`], and its outcomes encoded.
+pub fn process_owned<S: Stage>(stage: &mut S, batch: &[u8], out: &mut Vec<u8>) {
+    let Ok(records) = decode_records(batch) else {
+        // Only a host bug gets here; an empty answer makes the host say so.
+        return;
     };
     // The count written is what the stage returned, so a `process_batch`
     // that miscounts gets the host's "N outcomes for M records", not a
     // garbled buffer.
     let outcomes = stage.process_batch(records);
-    put_u32(&mut out, outcomes.len() as u32);
+    put_u32(out, outcomes.len() as u32);
     for outcome in outcomes {
         match outcome {
-            Ok(outputs) => {
-                put_emit(&mut out, outputs.len());
-                for record in &outputs {
-                    record.encode(&mut out);
-                }
-            }
-            Err(err) => put_reject(&mut out, err.message()),
+            Ok(outputs) => emit_records(out, &outputs),
+            Err(err) => put_reject(out, err.message()),
         }
     }
-    out
+}
+
+/// Runs `each` on every record of an encoded batch, read in place: the
+/// function forms with a JSON input parse its payload straight from the
+/// batch and copy its metadata as bytes, with no owned record in between.
+/// `each` gets the record and its encoded bytes, and writes one outcome.
+pub fn each_in_place(
+    batch: &[u8],
+    out: &mut Vec<u8>,
+    mut each: impl FnMut(&RecordRef<'_>, &[u8], &mut Vec<u8>),
+) {
+    let mut reader = Reader::new(batch);
+    let Ok(n) = reader.count(MIN_RECORD) else {
+        return;
+    };
+    put_u32(out, n as u32);
+    for _ in 0..n {
+        let start = reader.pos();
+        let Ok(record) = reader.record() else {
+            // As in `process_owned`: the host says what an empty answer means.
+            out.clear();
+            return;
+        };
+        each(&record, &batch[start..reader.pos()], out);
+    }
+}
+
+/// The payload of a record read in place, as JSON; the error reads as
+/// [`Record::json`]'s does.
+pub fn parse_json<T: DeserializeOwned>(record: &RecordRef<'_>) -> Result<T, Error> {
+    crate::record::json_from(record.payload)
+}
+
+/// An outcome of one record per value: the value as JSON with `input`'s key,
+/// topic, timestamp and headers. A value that cannot be written as JSON
+/// rejects the input instead.
+pub fn emit_json<'v, T: Serialize + 'v>(
+    out: &mut Vec<u8>,
+    input: &RecordRef<'_>,
+    values: impl ExactSizeIterator<Item = &'v T>,
+) {
+    let start = out.len();
+    put_emit(out, values.len());
+    for value in values {
+        let written = put_record_with(
+            out,
+            |payload| serde_json::to_writer(payload, value),
+            input.key,
+            input.topic,
+            input.timestamp,
+            input.headers.clone(),
+        );
+        if let Err(err) = written {
+            out.truncate(start);
+            put_reject(out, crate::record::json_write_error(err).message());
+            return;
+        }
+    }
+}
+
+/// An outcome of these whole records.
+pub fn emit_records(out: &mut Vec<u8>, records: &[Record]) {
+    put_emit(out, records.len());
+    for record in records {
+        record.encode(out);
+    }
+}
+
+/// An outcome of the input itself, unchanged: its bytes as they came.
+pub fn emit_input(out: &mut Vec<u8>, encoded: &[u8]) {
+    put_emit(out, 1);
+    out.extend_from_slice(encoded);
+}
+
+/// An outcome of no records: the input is filtered out.
+pub fn emit_nothing(out: &mut Vec<u8>) {
+    put_emit(out, 0);
+}
+
+/// An outcome that sends the input to the dead letter.
+pub fn reject(out: &mut Vec<u8>, err: &Error) {
+    put_reject(out, err.message());
 }
 
 pub fn flush<S: Stage>(
@@ -117,7 +205,6 @@ fn decode_records(buf: &[u8]) -> Result<Vec<Record>, runnel_wire::WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Error;
 
     struct Upper;
 

@@ -40,12 +40,7 @@ impl Record {
     /// The error says what was wrong and where ("missing field `device` at
     /// line 1 column 20"), which is what a dead-letter reader needs.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, Error> {
-        serde_json::from_slice(&self.payload).map_err(|err| {
-            Error::msg(format!(
-                "payload is not a valid {}: {err}",
-                short_type_name::<T>()
-            ))
-        })
+        json_from(&self.payload)
     }
 
     /// Replaces the payload with `value` as JSON, keeping key, topic, timestamp and headers.
@@ -141,8 +136,21 @@ impl Record {
     }
 }
 
+pub(crate) fn json_from<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Error> {
+    serde_json::from_slice(payload).map_err(|err| {
+        Error::msg(format!(
+            "payload is not a valid {}: {err}",
+            short_type_name::<T>()
+        ))
+    })
+}
+
 fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, Error> {
-    serde_json::to_vec(value).map_err(|err| Error::msg(format!("cannot write JSON: {err}")))
+    serde_json::to_vec(value).map_err(json_write_error)
+}
+
+pub(crate) fn json_write_error(err: serde_json::Error) -> Error {
+    Error::msg(format!("cannot write JSON: {err}"))
 }
 
 fn short_type_name<T>() -> &'static str {

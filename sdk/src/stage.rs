@@ -54,6 +54,14 @@ pub trait Stage: Sized + 'static {
             .collect()
     }
 
+    /// Runs an encoded batch from the host and writes its encoded outcomes.
+    /// The function-form attributes override it to read JSON payloads in
+    /// place; a hand-written stage keeps this default.
+    #[doc(hidden)]
+    fn process_encoded(&mut self, batch: &[u8], out: &mut Vec<u8>) {
+        crate::__private::process_owned(self, batch, out);
+    }
+
     /// Called on the stage's timer with the pipeline clock, and once with
     /// `end_of_input` at the end of a finite input. Windowed stages emit
     /// the windows that have closed; the rest need not override it.

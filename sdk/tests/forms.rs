@@ -1,7 +1,11 @@
 //! The attribute forms, driven through the `Stage` each generates, the way
 //! the host calls them.
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
 use runnel_sdk::{Error, Record, Stage};
+use runnel_wire::{put_u32, OutcomeHead, Reader};
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize, Serialize, Debug, PartialEq)]
@@ -59,6 +63,17 @@ pub fn scale(reading: Reading) -> Result<Reading, std::num::ParseIntError> {
         value: reading.value * f64::from(factor),
         ..reading
     })
+}
+
+#[runnel_sdk::map]
+pub fn to_record(reading: Reading) -> Record {
+    Record::new(reading.device).with_key("from-json")
+}
+
+/// Tuple keys have no JSON form, so every output fails to serialise.
+#[runnel_sdk::map]
+pub fn by_pair(reading: Reading) -> BTreeMap<(u8, u8), f64> {
+    BTreeMap::from([((1, 2), reading.value)])
 }
 
 fn reading(value: f64) -> Record {
@@ -141,4 +156,109 @@ fn map_with_a_std_error_type_converts_it() {
     let out = stage.process(reading(2.0)).expect("ok");
     assert_eq!(out[0].json::<Reading>().expect("reading").value, 6.0);
     assert_eq!(out[0].key.as_deref(), Some("d1"));
+}
+
+type Outcomes = Vec<Result<Vec<Record>, String>>;
+
+/// A batch's outcomes as the host gets them (encoded, through the stage's
+/// `process_encoded`), and the same records' outcomes through
+/// `Stage::process` one by one.
+fn both_ways<S: Stage>(config: &str, records: &[Record]) -> (Outcomes, Outcomes) {
+    let slot = RefCell::new(None);
+    runnel_sdk::__private::init::<S>(&slot, config.into()).expect("init");
+    let mut batch = Vec::new();
+    put_u32(&mut batch, records.len() as u32);
+    for record in records {
+        record.encode(&mut batch);
+    }
+    let answer = runnel_sdk::__private::process::<S>(&slot, &batch);
+    let mut reader = Reader::new(&answer);
+    let count = reader.count(1).expect("outcome count");
+    let encoded: Outcomes = (0..count)
+        .map(|_| match reader.outcome().expect("outcome") {
+            OutcomeHead::Emit(n) => Ok((0..n)
+                .map(|_| Record::from_wire(reader.record().expect("record")))
+                .collect()),
+            OutcomeHead::Reject(reason) => Err(reason.to_string()),
+        })
+        .collect();
+    assert!(reader.is_done(), "bytes left after the outcomes");
+
+    let mut stage = S::init(runnel_sdk::parse_config(config).expect("config")).expect("init");
+    let one_by_one = records
+        .iter()
+        .map(|r| {
+            stage
+                .process(r.clone())
+                .map_err(|e| e.message().to_string())
+        })
+        .collect();
+    (encoded, one_by_one)
+}
+
+/// Readings with every kind of metadata, and payloads that are not readings.
+fn mixed_batch() -> Vec<Record> {
+    vec![
+        reading(5.0)
+            .with_timestamp(1_700_000_000_000)
+            .with_header("unit", "C")
+            .with_header("site", "roof"),
+        reading(50.0),
+        Record::new("not json").with_key("d2"),
+        Record::new(vec![0xff, 0xfe]),
+        Record::new(r#"{"device":"d3"}"#).with_topic("sensors/d3"),
+        Record::from_json(&Reading {
+            device: "d4".into(),
+            value: -1.5,
+        })
+        .expect("json"),
+    ]
+}
+
+#[test]
+fn json_forms_give_the_same_outcomes_encoded_as_record_by_record() {
+    let batch = mixed_batch();
+    let cases: Vec<(&str, (Outcomes, Outcomes))> = vec![
+        (
+            "filter",
+            both_ways::<BelowLimitStage>(r#"{"max": 10}"#, &batch),
+        ),
+        ("map", both_ways::<ScaleStage>("{}", &batch)),
+        ("map to Record", both_ways::<ToRecordStage>("{}", &batch)),
+        ("flat_map", both_ways::<TwiceStage>("{}", &batch)),
+        (
+            "map to unwritable JSON",
+            both_ways::<ByPairStage>("{}", &batch),
+        ),
+    ];
+    for (form, (encoded, one_by_one)) in cases {
+        assert_eq!(encoded, one_by_one, "{form}");
+        assert_eq!(encoded.len(), batch.len(), "{form}");
+        assert!(
+            encoded.iter().any(Result::is_err),
+            "{form}: nothing rejected"
+        );
+    }
+    let (filtered, _) = both_ways::<BelowLimitStage>(r#"{"max": 10}"#, &batch);
+    assert_eq!(filtered[0], Ok(vec![batch[0].clone()]), "kept as it came");
+    assert_eq!(filtered[1], Ok(vec![]), "over the limit");
+    let (scaled, _) = both_ways::<ScaleStage>("{}", &batch);
+    let first = &scaled[0].as_ref().expect("a reading")[0];
+    assert_eq!(first.payload, br#"{"device":"d1","value":15.0}"#);
+    assert_eq!(first.headers, batch[0].headers);
+    assert_eq!(first.timestamp, batch[0].timestamp);
+    let (unwritable, _) = both_ways::<ByPairStage>("{}", &batch);
+    assert_eq!(
+        unwritable[0],
+        Err("cannot write JSON: key must be a string".to_string())
+    );
+}
+
+#[test]
+fn whole_record_forms_give_the_same_outcomes_encoded_as_record_by_record() {
+    let batch = mixed_batch();
+    let (encoded, one_by_one) = both_ways::<SplitCsvStage>("{}", &batch);
+    assert_eq!(encoded, one_by_one);
+    let (encoded, one_by_one) = both_ways::<HasKeyStage>("{}", &batch);
+    assert_eq!(encoded, one_by_one);
 }

@@ -182,6 +182,12 @@ fn generate(form: Form, func: &ItemFn) -> syn::Result<TokenStream2> {
         }
     };
 
+    let in_place = if input.is_record {
+        quote!()
+    } else {
+        in_place(form, &input.ty, &value_ty, call_fn, &config_arg, fallible)?
+    };
+
     let stage = format_ident!("{}Stage", pascal_case(&call_fn.to_string()));
     let doc = format!(
         "The `Stage` made from [`{call_fn}`] by `#[{}]`.",
@@ -201,9 +207,67 @@ fn generate(form: Form, func: &ItemFn) -> syn::Result<TokenStream2> {
                 -> ::runnel_sdk::Result<::std::vec::Vec<::runnel_sdk::Record>> {
                 #body
             }
+            #in_place
         }
 
         ::runnel_sdk::export_stage!(#stage);
+    })
+}
+
+/// The batch path of a form with a JSON input: each payload is parsed where
+/// it lies in the batch and the input's metadata copied as bytes, with no
+/// owned `Record` built for it.
+fn in_place(
+    form: Form,
+    input_ty: &Type,
+    value_ty: &Type,
+    call_fn: &syn::Ident,
+    config_arg: &Option<TokenStream2>,
+    fallible: bool,
+) -> syn::Result<TokenStream2> {
+    let p = quote!(::runnel_sdk::__private);
+    let (arg, emit) = match form {
+        Form::Map if output_is_record(value_ty, form)? => (
+            quote!(value),
+            quote!(#p::emit_records(out, ::core::slice::from_ref(&made))),
+        ),
+        Form::Map => (
+            quote!(value),
+            quote!(#p::emit_json(out, record, ::core::iter::once(&made))),
+        ),
+        Form::FlatMap if output_is_record(&vec_item(value_ty)?, form)? => {
+            (quote!(value), quote!(#p::emit_records(out, &made)))
+        }
+        Form::FlatMap => (
+            quote!(value),
+            quote!(#p::emit_json(out, record, made.iter())),
+        ),
+        Form::Filter => (
+            quote!(&value),
+            quote!(if made { #p::emit_input(out, encoded) } else { #p::emit_nothing(out) }),
+        ),
+    };
+    let call = quote!(#call_fn(#arg #config_arg));
+    let call = if fallible {
+        quote!(#call.map_err(::runnel_sdk::Error::from))
+    } else {
+        quote!(::core::result::Result::Ok(#call))
+    };
+    Ok(quote! {
+        #[allow(clippy::useless_conversion)]
+        fn process_encoded(&mut self, batch: &[u8], out: &mut ::std::vec::Vec<u8>) {
+            #p::each_in_place(batch, out, |record, encoded, out| {
+                let _ = encoded;
+                let made = (|| -> ::runnel_sdk::Result<_> {
+                    let value = #p::parse_json::<#input_ty>(record)?;
+                    #call
+                })();
+                match made {
+                    ::core::result::Result::Ok(made) => #emit,
+                    ::core::result::Result::Err(err) => #p::reject(out, &err),
+                }
+            });
+        }
     })
 }
 

@@ -44,11 +44,39 @@ pub fn put_record<'a>(
     timestamp: Option<i64>,
     headers: impl ExactSizeIterator<Item = (&'a str, &'a str)>,
 ) {
+    let written: Result<(), std::convert::Infallible> = put_record_with(
+        out,
+        |out| {
+            out.extend_from_slice(payload);
+            Ok(())
+        },
+        key,
+        topic,
+        timestamp,
+        headers,
+    );
+    let Ok(()) = written;
+}
+
+/// Appends one record whose payload `write_payload` appends, so a payload
+/// built for the record (JSON) needs no buffer of its own. On an error from
+/// `write_payload`, `out` holds a partial record: the caller truncates it.
+pub fn put_record_with<'a, E>(
+    out: &mut Vec<u8>,
+    write_payload: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+    key: Option<&str>,
+    topic: Option<&str>,
+    timestamp: Option<i64>,
+    headers: impl ExactSizeIterator<Item = (&'a str, &'a str)>,
+) -> Result<(), E> {
     let flags =
         key.map_or(0, |_| KEY) | topic.map_or(0, |_| TOPIC) | timestamp.map_or(0, |_| TIMESTAMP);
     out.push(flags);
-    put_u32(out, len32(payload.len()));
-    out.extend_from_slice(payload);
+    let len_at = out.len();
+    put_u32(out, 0);
+    write_payload(out)?;
+    let len = len32(out.len() - len_at - 4);
+    out[len_at..len_at + 4].copy_from_slice(&len.to_le_bytes());
     if let Some(key) = key {
         put_str(out, key);
     }
@@ -63,6 +91,7 @@ pub fn put_record<'a>(
         put_str(out, name);
         put_str(out, value);
     }
+    Ok(())
 }
 
 /// Starts an emitted outcome of `n` records; the records follow.
