@@ -7,15 +7,16 @@ use std::time::{Duration, Instant};
 
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 
-/// Starts a broker listening on `listen` (MQTT 3.1.1) and, if given,
-/// `listen_v5` (MQTT 5), and returns once it accepts connections.
-pub fn start(listen: SocketAddr, listen_v5: Option<SocketAddr>) -> Result<(), String> {
+/// Starts a broker listening on `listen` for MQTT 5 (`v5`) or MQTT 3.1.1,
+/// and returns once it accepts connections.
+///
+/// One version only: rumqttd 0.20 forwards an MQTT 5 publish's properties
+/// to 3.1.1 subscribers as they are, and its 3.1.1 side panics writing them.
+pub fn start(listen: SocketAddr, v5: bool) -> Result<(), String> {
     // rumqttd reports a taken port only in its own log, from its own thread;
     // binding first turns that into an error runnel can show.
-    for addr in std::iter::once(listen).chain(listen_v5) {
-        TcpListener::bind(addr)
-            .map_err(|e| format!("the embedded broker cannot listen on {addr}: {e}"))?;
-    }
+    TcpListener::bind(listen)
+        .map_err(|e| format!("the embedded broker cannot listen on {listen}: {e}"))?;
     let server = |name: &str, addr: SocketAddr| {
         let mut servers = HashMap::new();
         servers.insert(
@@ -51,8 +52,8 @@ pub fn start(listen: SocketAddr, listen_v5: Option<SocketAddr>) -> Result<(), St
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         },
-        v4: Some(server("mqtt-3.1.1", listen)),
-        v5: listen_v5.map(|addr| server("mqtt-5", addr)),
+        v4: (!v5).then(|| server("mqtt-3.1.1", listen)),
+        v5: v5.then(|| server("mqtt-5", listen)),
         ws: None,
         cluster: None,
         console: None,
@@ -78,6 +79,10 @@ pub fn start(listen: SocketAddr, listen_v5: Option<SocketAddr>) -> Result<(), St
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    tracing::info!(%listen, listen_v5 = ?listen_v5, "embedded broker started");
+    tracing::info!(
+        %listen,
+        protocol = if v5 { "5" } else { "3.1.1" },
+        "embedded broker started"
+    );
     Ok(())
 }

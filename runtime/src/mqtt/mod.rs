@@ -188,11 +188,32 @@ impl ConnectionConfig {
                     )
                 })?;
             }
-            if self.protocol == Protocol::V5 && self.listen_v5.is_none() {
+            if let (Some(_), Some(v5)) = (&self.listen, &self.listen_v5) {
                 return Err(at(
-                    self.broker.span(),
-                    "protocol = \"5\" with the embedded broker needs listen_v5".into(),
+                    v5.span(),
+                    "give listen (MQTT 3.1.1) or listen_v5 (MQTT 5), not both: the embedded \
+                     broker (rumqttd 0.20) stops serving its 3.1.1 clients when an MQTT 5 \
+                     client publishes with properties; for both versions at once, use an \
+                     external broker such as mosquitto"
+                        .into(),
                 ));
+            }
+            match (self.protocol, &self.listen_v5) {
+                (Protocol::V5, None) => {
+                    return Err(at(
+                        self.broker.span(),
+                        "protocol = \"5\" with the embedded broker needs listen_v5".into(),
+                    ))
+                }
+                (Protocol::V311, Some(v5)) => {
+                    return Err(at(
+                        v5.span(),
+                        "with listen_v5 the embedded broker speaks MQTT 5 only: set \
+                         protocol = \"5\""
+                            .into(),
+                    ))
+                }
+                _ => {}
             }
         }
         const CERT: &str = "-----BEGIN CERTIFICATE-----";
@@ -395,31 +416,29 @@ fn open_one(
     let address = BrokerAddress::parse(config.broker.get_ref())?;
     let (host, port, tls) = match address {
         BrokerAddress::Embedded => {
-            let listen: SocketAddr = config
-                .listen
-                .as_ref()
-                .map_or(DEFAULT_LISTEN, |l| l.get_ref().as_str())
-                .parse()
-                .map_err(|_| format!("mqtt.{name}: bad listen address"))?;
-            let listen_v5 = match &config.listen_v5 {
-                Some(l) => Some(
-                    l.get_ref()
-                        .parse::<SocketAddr>()
-                        .map_err(|_| format!("mqtt.{name}: bad listen_v5 address"))?,
+            // One listener: `check` refuses both, as rumqttd cannot serve
+            // MQTT 5 publishes to 3.1.1 subscribers.
+            let (listen, v5, field) = match &config.listen_v5 {
+                Some(l) => (l.get_ref().as_str(), true, "listen_v5"),
+                None => (
+                    config
+                        .listen
+                        .as_ref()
+                        .map_or(DEFAULT_LISTEN, |l| l.get_ref().as_str()),
+                    false,
+                    "listen",
                 ),
-                None => None,
             };
-            broker::start(listen, listen_v5).map_err(|e| format!("mqtt.{name}: {e}"))?;
-            let target = match (config.protocol, listen_v5) {
-                (Protocol::V5, Some(v5)) => v5,
-                _ => listen,
-            };
-            let host = if target.ip().is_unspecified() {
+            let listen: SocketAddr = listen
+                .parse()
+                .map_err(|_| format!("mqtt.{name}: bad {field} address"))?;
+            broker::start(listen, v5).map_err(|e| format!("mqtt.{name}: {e}"))?;
+            let host = if listen.ip().is_unspecified() {
                 "127.0.0.1".to_string()
             } else {
-                target.ip().to_string()
+                listen.ip().to_string()
             };
-            (host, target.port(), false)
+            (host, listen.port(), false)
         }
         BrokerAddress::Remote { host, port, tls } => (host, port, tls),
     };
