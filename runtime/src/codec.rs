@@ -30,7 +30,7 @@ pub enum LineFormat {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LineIn<'a> {
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     payload: Option<&'a RawValue>,
     text: Option<String>,
     base64: Option<String>,
@@ -39,6 +39,12 @@ struct LineIn<'a> {
     timestamp: Option<i64>,
     #[serde(default)]
     headers: BTreeMap<String, String>,
+}
+
+/// `payload: null` is the JSON value null, which a sink writes for a
+/// payload of `null`; only a missing field is no payload.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 #[derive(Serialize)]
@@ -162,6 +168,10 @@ mod tests {
         assert_eq!(round_trip(&padded), padded);
         let binary = Record::new(vec![0xff, 0x00, 0x10]);
         assert_eq!(round_trip(&binary), binary);
+        let null = Record::new(b"null".to_vec());
+        assert_eq!(round_trip(&null), null);
+        let written = decode_line(r#"{"payload": null}"#, LineFormat::Record).expect("null");
+        assert_eq!(written.payload, b"null");
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! - cold start: from spawning the process to the answer of the invocation
 //!   that was already waiting for it; runnel with its compiled stages in the
 //!   cache (what a package from deploy/lambda/build ships), and with an empty
-//!   cache, so the cost of compiling shows;
+//!   cache, so the cost of compiling shows. The first invocation is the
+//!   100-message batch, and again a 1-message batch, whose answer is mostly
+//!   the start itself;
 //! - warm: one invocation with a 100-message SQS batch, the two functions
 //!   invoked in turn.
 //!
@@ -103,11 +105,26 @@ fn main() {
     // Cold starts, the three cases in turn each round so that whatever else
     // the machine is doing falls on all of them alike; round 0 (page cache,
     // first exec) is not counted.
-    let cases = [Case::Native, Case::RunnelCached, Case::RunnelEmptyCache];
+    // The first invocation is the 100-message batch, and again a batch of
+    // one good message, whose answer is mostly the start itself.
+    let single = sqs_event(1);
+    let single_answer = serde_json::json!({ "batchItemFailures": [] });
+    let cases = [
+        (Case::Native, MESSAGES),
+        (Case::RunnelCached, MESSAGES),
+        (Case::RunnelEmptyCache, MESSAGES),
+        (Case::Native, 1),
+        (Case::RunnelCached, 1),
+    ];
     let mut cold: Vec<Vec<Start>> = vec![Vec::new(); cases.len()];
     for round in 0..=cold_runs {
-        for (i, case) in cases.iter().enumerate() {
-            let start = cold_start(&emulators[0], &functions, *case, round, &event, &expected);
+        for (i, (case, messages)) in cases.iter().enumerate() {
+            let (first, answer) = if *messages == 1 {
+                (&single, &single_answer)
+            } else {
+                (&event, &expected)
+            };
+            let start = cold_start(&emulators[0], &functions, *case, round, first, answer);
             if round > 0 {
                 cold[i].push(start);
             }
@@ -121,9 +138,7 @@ fn main() {
         Client::connect(emulators[0].port),
         Client::connect(emulators[1].port),
     ];
-    // A batch of one good message: the fixed cost of an invocation.
-    let single = sqs_event(1);
-    let single_answer = serde_json::json!({ "batchItemFailures": [] });
+    // The batch of one good message: the fixed cost of an invocation.
     for _ in 0..WARMUP_INVOCATIONS {
         for client in &mut clients {
             client.invoke_checked(&event, &expected);
@@ -150,17 +165,24 @@ fn main() {
         .iter()
         .map(|starts| starts.iter().map(|s| s.total_ms).collect())
         .collect();
-    let native_cold = median(&cold_ms[0]);
+    // Each case against the native start with the same first invocation.
+    let native_cold = |messages: usize| {
+        let i = cases
+            .iter()
+            .position(|c| *c == (Case::Native, messages))
+            .expect("a native case for each first invocation");
+        median(&cold_ms[i])
+    };
     println!("cold start: spawn to first answer, {cold_runs} starts each      median ms    min ms   max ms   vs native");
-    for (i, case) in cases.iter().enumerate() {
-        let ratio = if i == 0 {
+    for (i, (case, messages)) in cases.iter().enumerate() {
+        let ratio = if *case == Case::Native {
             String::new()
         } else {
-            format!("{:>8.2}x", median(&cold_ms[i]) / native_cold)
+            format!("{:>8.2}x", median(&cold_ms[i]) / native_cold(*messages))
         };
         println!(
             "  {:<56} {:>9.1} {:>9.1} {:>8.1} {ratio}",
-            case.label(),
+            format!("{}, first batch {messages}", case.label()),
             median(&cold_ms[i]),
             min(&cold_ms[i]),
             max(&cold_ms[i]),
@@ -170,13 +192,16 @@ fn main() {
     // invocations" line's time and its `ms` (pipeline file, engine, stages
     // loaded and started), the "stage loaded" lines' `ms`.
     println!("  runnel's start in phases, medians in ms:  to init   init (stage loads)   ready to answer");
-    for (i, case) in cases.iter().enumerate().skip(1) {
+    for (i, (case, messages)) in cases.iter().enumerate() {
+        if *case == Case::Native {
+            continue;
+        }
         let phase = |f: &dyn Fn(&Start) -> Option<f64>| {
             median(&cold[i].iter().filter_map(f).collect::<Vec<f64>>())
         };
         println!(
             "    {:<38} {:>8.1} {:>8.1} {:>10.1} {:>16.1}",
-            format!("runnel, {}", case.short()),
+            format!("runnel, {}, first batch {messages}", case.short()),
             phase(&|s| Some(s.ready_ms? - s.init_ms?)),
             phase(&|s| s.init_ms),
             phase(&|s| Some(s.stage_load_ms)),
@@ -236,14 +261,22 @@ fn main() {
         );
     }
 
-    let cold_ratio = median(&cold_ms[1]) / native_cold;
+    let verdict = |ratio: f64, goal: f64| if ratio <= goal { "met" } else { "not met" };
+    let cold_ratio = |messages: usize| {
+        let i = cases
+            .iter()
+            .position(|c| *c == (Case::RunnelCached, messages))
+            .expect("a cached case for each first invocation");
+        median(&cold_ms[i]) / native_cold(messages)
+    };
+    let (cold_one, cold_full) = (cold_ratio(1), cold_ratio(MESSAGES));
     let warm_ratio = per_call[1] / per_call[0];
     println!(
-        "\ngoals: cold start (cached stages) within 1.3x native: {:.2}x, {}; warm batch within 1.5x native: {:.2}x, {}",
-        cold_ratio,
-        if cold_ratio <= 1.3 { "met" } else { "not met" },
-        warm_ratio,
-        if warm_ratio <= 1.5 { "met" } else { "not met" },
+        "\ngoals: cold start (cached stages) within 1.3x native: {cold_one:.2}x with a 1-message first batch, {}; \
+         {cold_full:.2}x with the {MESSAGES}-message batch, {}; warm batch within 1.5x native: {warm_ratio:.2}x, {}",
+        verdict(cold_one, 1.3),
+        verdict(cold_full, 1.3),
+        verdict(warm_ratio, 1.5),
     );
     assert_eq!(
         invocation_log,
