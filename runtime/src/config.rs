@@ -302,9 +302,31 @@ impl Pipeline {
             }
             let wasm = self.resolve(stage.wasm.get_ref());
             if !wasm.is_file() {
+                let what = if wasm.is_dir() {
+                    "is a directory, not a .wasm file"
+                } else {
+                    "not found"
+                };
                 return Err(self.error_at(
                     stage.wasm.span(),
-                    format!("stage `{name}`: wasm file {} not found", wasm.display()),
+                    format!("stage `{name}`: wasm file {} {what}", wasm.display()),
+                ));
+            }
+        }
+        if let SourceConfig::File { path, .. } = &self.file.source {
+            // A run would stop at once; `check` says so first, and where.
+            let file = self.resolve(path);
+            let what = if file.is_dir() {
+                Some("is a directory")
+            } else if !file.exists() {
+                Some("does not exist")
+            } else {
+                None
+            };
+            if let Some(what) = what {
+                return Err(self.error_at(
+                    self.span_in("source", "path"),
+                    format!("source: file {} {what}", file.display()),
                 ));
             }
         }
@@ -402,18 +424,41 @@ impl Pipeline {
     /// The span of the first `key =` in the file, for settings whose value
     /// has no span of its own; the start of the file when absent.
     fn span_of(&self, key: &str) -> std::ops::Range<usize> {
-        let text = &self.source_text;
-        text.match_indices(key)
-            .find(|(i, _)| {
-                // At the start of its line (not in a comment or a value), then `=`.
-                let line_start = text[..*i].rfind('\n').map_or(0, |n| n + 1);
-                text[line_start..*i].trim().is_empty()
-                    && text[i + key.len()..]
-                        .trim_start_matches([' ', '\t'])
-                        .starts_with('=')
-            })
-            .map_or(0..0, |(i, _)| i..i + key.len())
+        find_key(&self.source_text, key).map_or(0..0, |i| i..i + key.len())
     }
+
+    /// Where `key` is set in the `[table]` table; the file's start if nowhere.
+    fn span_in(&self, table: &str, key: &str) -> std::ops::Range<usize> {
+        let text = &self.source_text;
+        let header = format!("[{table}]");
+        let Some(start) = find_at_line_start(text, &header) else {
+            return 0..0;
+        };
+        let body = start + header.len();
+        let end = text[body..].find("\n[").map_or(text.len(), |n| body + n);
+        find_key(&text[body..end], key).map_or(start..body, |i| body + i..body + i + key.len())
+    }
+}
+
+/// Where `key = ...` is written at the start of a line (not in a comment or a value).
+fn find_key(text: &str, key: &str) -> Option<usize> {
+    text.match_indices(key).map(|(i, _)| i).find(|&i| {
+        at_line_start(text, i)
+            && text[i + key.len()..]
+                .trim_start_matches([' ', '\t'])
+                .starts_with('=')
+    })
+}
+
+fn find_at_line_start(text: &str, what: &str) -> Option<usize> {
+    text.match_indices(what)
+        .map(|(i, _)| i)
+        .find(|&i| at_line_start(text, i))
+}
+
+fn at_line_start(text: &str, i: usize) -> bool {
+    let line_start = text[..i].rfind('\n').map_or(0, |n| n + 1);
+    text[line_start..i].trim().is_empty()
 }
 
 /// toml's message already says line, column and shows the line; keep it,

@@ -186,7 +186,7 @@ async fn run(path: PathBuf, options: RunOptions) -> ExitCode {
         Err(err) => match err.downcast_ref::<ConfigError>() {
             Some(config) => invalid(config),
             None => {
-                eprintln!("runnel: {err:#}");
+                eprintln!("runnel: {}", error_text(&err));
                 ExitCode::from(EXIT_FAILED)
             }
         },
@@ -199,7 +199,7 @@ async fn lambda(path: PathBuf) -> ExitCode {
         Err(err) => match err.downcast_ref::<ConfigError>() {
             Some(config) => invalid(config),
             None => {
-                eprintln!("runnel: {err:#}");
+                eprintln!("runnel: {}", error_text(&err));
                 ExitCode::from(EXIT_FAILED)
             }
         },
@@ -214,7 +214,7 @@ fn check(path: PathBuf) -> ExitCode {
     let engine = match engine_for(&pipeline, &RunOptions::default()) {
         Ok(engine) => engine,
         Err(err) => {
-            eprintln!("runnel: {err:#}");
+            eprintln!("runnel: {}", error_text(&err));
             return ExitCode::from(EXIT_FAILED);
         }
     };
@@ -271,4 +271,21 @@ async fn stop_requested(count: &mut watch::Receiver<u32>, times: u32) {
         // No signal can come any more.
         std::future::pending::<()>().await;
     }
+}
+
+/// The error and its causes, "a: b: c", leaving out a cause whose text the
+/// message already holds (an I/O error its context quotes).
+fn error_text(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
 }
