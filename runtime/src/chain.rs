@@ -159,12 +159,24 @@ impl Slot {
 
     fn process(&mut self, batch: Encoded, dead_letters: &mut Vec<DeadLetter>) -> Encoded {
         let mut next = Encoded::with_capacity(batch.buf.len(), batch.len());
-        match self.call(&batch, &mut next, dead_letters) {
-            Ok(()) => {}
-            Err(err) if batch.len() == 1 => self.dead_letter_from(&err, &batch, 0, dead_letters),
+        let failed_before = self.stats.failed_calls;
+        let first_failure = match self.call(&batch, &mut next, dead_letters) {
+            Ok(()) => None,
+            Err(err) if batch.len() == 1 => {
+                self.dead_letter_from(&err, &batch, 0, dead_letters);
+                Some(err.to_string())
+            }
             // One bad record must not take its batch with it: run the records
             // one by one on a fresh instance, so only the culprit is dead-lettered.
-            Err(err) => self.isolate(err, &batch, &mut next, dead_letters),
+            Err(err) => {
+                let first = err.to_string();
+                self.isolate(err, &batch, &mut next, dead_letters);
+                Some(first)
+            }
+        };
+        if let Some(first) = first_failure {
+            let replaced = self.stats.failed_calls - failed_before;
+            dead_letters.push(self.state_lost(&first, replaced));
         }
         next.seal();
         next
@@ -251,7 +263,6 @@ impl Slot {
         self.stats.busy += started.elapsed();
         if let Err(err) = &result {
             self.fail(err);
-            dead_letters.push(self.state_lost(err));
         }
         result
     }
@@ -259,9 +270,18 @@ impl Slot {
     /// The entry that says a replaced instance took its state with it: the
     /// open windows or running figures of a stateful stage are gone, and the
     /// inputs already folded into them cannot be told apart any more.
-    fn state_lost(&self, err: &CallError) -> DeadLetter {
+    ///
+    /// One per batch: the records retried one by one after a failed batch
+    /// may replace the instance again, which loses nothing more worth a
+    /// second entry.
+    fn state_lost(&self, first: &str, replaced: u64) -> DeadLetter {
+        let times = if replaced > 1 {
+            format!(" ({replaced} times, as its records were retried one by one)")
+        } else {
+            String::new()
+        };
         self.dead_letter(
-            format!("instance replaced after: {err}; any state it held (open windows, running statistics) is lost"),
+            format!("instance replaced after: {first}{times}; any state it held (open windows, running statistics) is lost"),
             Record::new(Vec::new()),
             None,
         )
