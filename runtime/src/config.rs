@@ -410,9 +410,16 @@ impl Pipeline {
                 continue;
             };
             let at = |message: String| {
-                self.error_at(self.span_of("topic"), format!("{role}: {message}"))
+                self.error_at(self.span_in(role, "topic"), format!("{role}: {message}"))
             };
             pick_connection(mqtt, connection.as_deref()).map_err(&at)?;
+            if role == "dead_letter" && topic.is_none() {
+                // The default, each record's own topic, would send a dead
+                // letter back where its input came from.
+                return Err(at(
+                    "an MQTT dead letter needs a topic, e.g. topic = \"dead-letter/{key}\"".into(),
+                ));
+            }
             crate::sink::topic_template(topic.as_deref()).map_err(&at)?;
             if *qos > 1 {
                 return Err(at(format!("qos must be 0 or 1, not {qos}")));

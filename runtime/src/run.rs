@@ -9,11 +9,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 
 use crate::chain::{Chain, ChainOutput, DeadLetter, InputOutcome};
-use crate::codec::LineFormat;
 use crate::config::{ConfigError, Pipeline};
 use crate::metrics::Metrics;
 use crate::mqtt::{Connections, SourceNeeds};
-use crate::sink::{Sink, SinkConfig};
+use crate::sink::{Sink, SinkConfig, SinkRole};
 use crate::source::{Clock, Source};
 use crate::wasm::{CacheOutcome, CpuTarget, Engine, EngineOptions, LoadedStage, StageLimits};
 use crate::Record;
@@ -169,7 +168,8 @@ pub async fn run(
         .open(pipeline.base_dir(), &runner.connections)
         .await?;
     tracing::info!(
-        pipeline = %pipeline.path.display(),
+        pipeline = %pipeline.file.pipeline.name,
+        file = %pipeline.path.display(),
         source = source.describe(),
         sink = runner.sink.describe(),
         dead_letter = runner.dead_sink.describe(),
@@ -278,7 +278,7 @@ impl Runner {
         let sink = pipeline
             .file
             .sink
-            .open(base, LineFormat::Record, &connections)
+            .open(base, SinkRole::Outputs, &connections)
             .await?;
         let default_dead = SinkConfig::File {
             path: DEFAULT_DEAD_LETTER.into(),
@@ -289,7 +289,7 @@ impl Runner {
             .dead_letter
             .as_ref()
             .unwrap_or(&default_dead)
-            .open(base, LineFormat::Payload, &connections)
+            .open(base, SinkRole::DeadLetters, &connections)
             .await?;
         Ok(Runner {
             name: pipeline.file.pipeline.name.clone(),

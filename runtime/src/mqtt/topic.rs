@@ -89,22 +89,26 @@ impl TopicTemplate {
     /// The topic for `record`, or why there is none (the record lacks what
     /// the template names).
     pub fn render(&self, record: &Record) -> Result<String, String> {
+        self.render_filling(record, None)
+    }
+
+    /// [`Self::render`], with `fill` standing in for a key or topic the
+    /// record lacks, when given.
+    pub fn render_filling(&self, record: &Record, fill: Option<&str>) -> Result<String, String> {
         let mut topic = self.text.clone();
-        if topic.contains("{key}") {
-            let key = record
-                .key
+        let field = |value: &'_ Option<String>, name: &str| -> Result<String, String> {
+            value
                 .as_deref()
-                .filter(|k| !k.is_empty())
-                .ok_or_else(|| format!("the record has no key for topic `{}`", self.text))?;
-            topic = topic.replace("{key}", key);
+                .filter(|v| !v.is_empty())
+                .or(fill)
+                .map(str::to_string)
+                .ok_or_else(|| format!("the record has no {name} for topic `{}`", self.text))
+        };
+        if topic.contains("{key}") {
+            topic = topic.replace("{key}", &field(&record.key, "key")?);
         }
         if topic.contains("{topic}") {
-            let own = record
-                .topic
-                .as_deref()
-                .filter(|t| !t.is_empty())
-                .ok_or_else(|| format!("the record has no topic for topic `{}`", self.text))?;
-            topic = topic.replace("{topic}", own);
+            topic = topic.replace("{topic}", &field(&record.topic, "topic")?);
         }
         if topic.contains(['+', '#', '\0']) {
             return Err(format!("`{topic}` is not a topic one can publish to"));
@@ -146,7 +150,11 @@ mod tests {
         assert_eq!(t.render(&r).expect("topic"), "gw/sensors/dev-1/telemetry");
         r.key = None;
         let t = TopicTemplate::parse("alerts/{key}").expect("template");
-        assert!(t.render(&r).is_err());
+        assert_eq!(
+            t.render(&r),
+            Err("the record has no key for topic `alerts/{key}`".to_string())
+        );
+        assert_eq!(t.render_filling(&r, Some("_")).expect("topic"), "alerts/_");
         assert!(TopicTemplate::parse("alerts/+").is_err());
         assert!(TopicTemplate::parse("alerts/{device}").is_err());
     }

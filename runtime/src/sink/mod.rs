@@ -58,15 +58,32 @@ pub(crate) fn topic_template(topic: Option<&str>) -> Result<TopicTemplate, Strin
     TopicTemplate::parse(topic.unwrap_or("{topic}"))
 }
 
+/// What a sink carries, which sets its defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkRole {
+    /// The chain's outputs, written as whole records.
+    Outputs,
+    /// Dead-letter entries, written as the entry's own JSON. An MQTT topic
+    /// template's `{key}` or `{topic}` that an entry lacks (an entry about
+    /// the stage, or a keyless input) becomes `_`, so none is refused.
+    DeadLetters,
+}
+
+/// What a dead-letter topic gets for a key or topic its entry lacks.
+pub const MISSING_IN_DEAD_LETTER_TOPIC: &str = "_";
+
 impl SinkConfig {
-    /// Opens the sink. `default_format` is the role's: whole records for
-    /// outputs, the entry's own JSON for dead letters.
+    /// Opens the sink for `role`.
     pub async fn open(
         &self,
         base_dir: &std::path::Path,
-        default_format: LineFormat,
+        role: SinkRole,
         connections: &Connections,
     ) -> Result<Box<dyn Sink>, SinkError> {
+        let default_format = match role {
+            SinkRole::Outputs => LineFormat::Record,
+            SinkRole::DeadLetters => LineFormat::Payload,
+        };
         Ok(match self {
             SinkConfig::Stdout { format } => {
                 Box::new(LinesSink::stdout(format.unwrap_or(default_format)))
@@ -104,7 +121,8 @@ impl SinkConfig {
                     .publisher(name)
                     .ok_or_else(|| broker("not declared".into()))?;
                 let template = topic_template(topic.as_deref()).map_err(broker)?;
-                Box::new(MqttSink::new(conn, template, *qos, *retain))
+                let fill = (role == SinkRole::DeadLetters).then_some(MISSING_IN_DEAD_LETTER_TOPIC);
+                Box::new(MqttSink::new(conn, template, *qos, *retain, fill))
             }
         })
     }

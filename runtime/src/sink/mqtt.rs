@@ -14,15 +14,24 @@ pub struct MqttSink {
     topic: TopicTemplate,
     qos: u8,
     retain: bool,
+    /// Stands in for a key or topic a record lacks; `None` refuses it.
+    fill: Option<&'static str>,
 }
 
 impl MqttSink {
-    pub fn new(conn: Arc<Connection>, topic: TopicTemplate, qos: u8, retain: bool) -> Self {
+    pub fn new(
+        conn: Arc<Connection>,
+        topic: TopicTemplate,
+        qos: u8,
+        retain: bool,
+        fill: Option<&'static str>,
+    ) -> Self {
         MqttSink {
             conn,
             topic,
             qos,
             retain,
+            fill,
         }
     }
 }
@@ -38,7 +47,7 @@ impl Sink for MqttSink {
         let mut messages = Vec::with_capacity(records.len());
         let mut indices = Vec::with_capacity(records.len());
         for (index, record) in records.iter().enumerate() {
-            match self.topic.render(record) {
+            match self.topic.render_filling(record, self.fill) {
                 Ok(topic) => {
                     messages.push(Outbound {
                         topic,
