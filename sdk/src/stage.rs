@@ -79,12 +79,20 @@ pub struct NoConfig {}
 
 /// Reads a stage's config the way the host hands it over (JSON text).
 pub fn parse_config<C: DeserializeOwned>(json: &str) -> Result<C, Error> {
-    serde_json::from_str(json).map_err(|err| {
+    let mut reader = serde_json::Deserializer::from_str(json);
+    serde_path_to_error::deserialize(&mut reader).map_err(|err| {
         // The place in the JSON the host made means nothing to the author
-        // of the TOML table; the field name says where.
+        // of the TOML table; the field's path says where.
+        let path = err.path().to_string();
+        let err = err.into_inner();
         let message = err.to_string();
         let place = format!(" at line {} column {}", err.line(), err.column());
         let message = message.strip_suffix(&place).unwrap_or(&message);
-        Error::msg(format!("invalid stage config: {message}"))
+        // An unknown or missing field names itself; a wrong value does not.
+        if path == "." || message.contains(&format!("`{path}`")) {
+            Error::msg(format!("invalid stage config: {message}"))
+        } else {
+            Error::msg(format!("invalid stage config: {path}: {message}"))
+        }
     })
 }

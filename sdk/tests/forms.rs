@@ -14,7 +14,7 @@ pub struct Reading {
     value: f64,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct Limit {
     max: f64,
@@ -112,6 +112,17 @@ fn filter_on_whole_records_needs_no_config() {
     let mut stage = HasKeyStage::init(config("{}")).expect("init");
     assert_eq!(stage.process(reading(1.0)).expect("ok").len(), 1);
     assert!(stage.process(Record::new("x")).expect("ok").is_empty());
+}
+
+#[test]
+fn a_config_value_of_the_wrong_type_names_its_field() {
+    let err = runnel_sdk::parse_config::<Limit>(r#"{"max": "5"}"#).expect_err("a string");
+    assert_eq!(
+        err.message(),
+        r#"invalid stage config: max: invalid type: string "5", expected f64"#
+    );
+    let err = runnel_sdk::parse_config::<Limit>("{}").expect_err("no max");
+    assert_eq!(err.message(), "invalid stage config: missing field `max`");
 }
 
 #[test]
