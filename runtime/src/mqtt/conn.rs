@@ -794,7 +794,7 @@ impl Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mqtt::link::{connect, LinkOptions, Loop};
+    use crate::mqtt::link::{connect, LinkOptions};
     use bytes::BytesMut;
     use rumqttc::{ConnAck, ConnectReturnCode, Packet, PubAck};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -937,42 +937,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_puback_that_leaves_publishes_waiting_draws_one_ping() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("address").port();
-        let (client, link) = connect(options(port, 10), false);
-        let url = format!("mqtt://127.0.0.1:{port}");
-        let conn = Connection::start("out".into(), url, client, link, None, None, 8);
-        let published = tokio::spawn(conn.start_publish(messages(3)));
-
-        let mut broker = BrokerEnd::accept(&listener, false).await;
-        for pkid in 1..=3 {
-            assert_eq!(broker.next_publish().await.pkid, pkid);
-        }
-        let quiet = Duration::from_millis(300);
-        // Keep-alive is a minute away: a ping now is the nudge.
-        broker.write(Packet::PubAck(PubAck::new(1))).await;
-        let ping = tokio::time::timeout(Duration::from_secs(5), broker.read()).await;
-        assert!(
-            matches!(ping, Ok(Packet::PingReq)),
-            "expected a PINGREQ, got {ping:?}"
-        );
-        // While that ping is unanswered, another PUBACK draws none.
-        broker.write(Packet::PubAck(PubAck::new(2))).await;
-        let more = tokio::time::timeout(quiet, broker.read()).await;
-        assert!(
-            more.is_err(),
-            "a second ping while one is unanswered: {more:?}"
-        );
-        broker.write(Packet::PingResp).await;
-        // The last PUBACK leaves nothing waiting, so nothing is nudged.
-        broker.write(Packet::PubAck(PubAck::new(3))).await;
-        let after = tokio::time::timeout(quiet, broker.read()).await;
-        assert!(after.is_err(), "a ping with nothing waiting: {after:?}");
-        assert_eq!(settled(published).await, vec![Ok(()); 3]);
-    }
-
-    #[tokio::test]
     async fn events_left_from_a_dropped_connection_are_not_taken_for_the_next_ones() {
         // Nothing listens at first, so the first connect fails.
         let port = {
@@ -982,12 +946,12 @@ mod tests {
         let (client, mut link) = connect(options(port, 10), false);
         // What a publish whose write failed leaves in rumqttc: its "sent
         // with packet id 7" event, never handed out before the error.
-        match &mut link.inner {
-            Loop::V4(l) => l
+        match &mut link {
+            LinkLoop::V4(l) => l
                 .state
                 .events
                 .push_back(rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(7))),
-            Loop::V5(_) => unreachable!("connected with MQTT 3.1.1"),
+            LinkLoop::V5(_) => unreachable!("connected with MQTT 3.1.1"),
         }
         let url = format!("mqtt://127.0.0.1:{port}");
         let conn = Connection::start("out".into(), url, client, link, None, None, 8);

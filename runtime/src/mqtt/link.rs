@@ -121,13 +121,7 @@ pub enum LinkClient {
 }
 
 /// The event-loop half, polled by the connection's own task.
-pub struct LinkLoop {
-    pub(super) inner: Loop,
-    /// A ping sent to hurry the broker's acknowledgements is unanswered.
-    nudging: bool,
-}
-
-pub(super) enum Loop {
+pub enum LinkLoop {
     V4(Box<rumqttc::EventLoop>),
     V5(Box<m5::EventLoop>),
 }
@@ -156,10 +150,7 @@ pub fn connect(options: LinkOptions, v5: bool) -> (LinkClient, LinkLoop) {
             o.set_credentials(user, password);
         }
         let (client, eventloop) = m5::AsyncClient::new(o, options.request_capacity);
-        (
-            LinkClient::V5(client),
-            LinkLoop::new(Loop::V5(Box::new(eventloop))),
-        )
+        (LinkClient::V5(client), LinkLoop::V5(Box::new(eventloop)))
     } else {
         let mut o = rumqttc::MqttOptions::new(options.client_id, options.host, options.port);
         o.set_keep_alive(options.keep_alive)
@@ -174,10 +165,7 @@ pub fn connect(options: LinkOptions, v5: bool) -> (LinkClient, LinkLoop) {
         }
         let (client, mut eventloop) = rumqttc::AsyncClient::new(o, options.request_capacity);
         eventloop.set_network_options(network_options());
-        (
-            LinkClient::V4(client),
-            LinkLoop::new(Loop::V4(Box::new(eventloop))),
-        )
+        (LinkClient::V4(client), LinkLoop::V4(Box::new(eventloop)))
     }
 }
 
@@ -255,41 +243,19 @@ impl LinkClient {
 }
 
 impl LinkLoop {
-    fn new(inner: Loop) -> Self {
-        LinkLoop {
-            inner,
-            nudging: false,
-        }
-    }
-
     pub async fn poll(&mut self) -> Result<LinkEvent, LinkError> {
-        match &mut self.inner {
-            Loop::V4(l) => {
-                let event = l.poll().await.map_err(error_v4)?;
-                match &event {
-                    rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) => {
-                        self.nudging = nudge_v4(l, self.nudging).await;
-                    }
-                    rumqttc::Event::Incoming(
-                        rumqttc::Packet::PingResp | rumqttc::Packet::ConnAck(_),
-                    ) => self.nudging = false,
-                    _ => {}
-                }
-                Ok(event_v4(event))
-            }
-            // rumqttc's MQTT 5 event loop keeps its socket to itself, so
-            // there is no nudge there; the broker's `set_tcp_nodelay true`
-            // takes the stall away for both protocols.
-            Loop::V5(l) => l.poll().await.map(event_v5).map_err(error_v5),
+        match self {
+            LinkLoop::V4(l) => l.poll().await.map(event_v4).map_err(error_v4),
+            LinkLoop::V5(l) => l.poll().await.map(event_v5).map_err(error_v5),
         }
     }
 
     /// Takes the events rumqttc read or made but has not yet handed out;
     /// `poll` returns them one at a time, even after a reconnect.
     pub fn take_buffered(&mut self) -> Vec<LinkEvent> {
-        match &mut self.inner {
-            Loop::V4(l) => l.state.events.drain(..).map(event_v4).collect(),
-            Loop::V5(l) => l.state.events.drain(..).map(event_v5).collect(),
+        match self {
+            LinkLoop::V4(l) => l.state.events.drain(..).map(event_v4).collect(),
+            LinkLoop::V5(l) => l.state.events.drain(..).map(event_v5).collect(),
         }
     }
 
@@ -302,43 +268,19 @@ impl LinkLoop {
     /// takes no new request, so a drop at that moment would stall every
     /// publish after the reconnect.
     pub fn forget_pending(&mut self) {
-        self.nudging = false;
-        match &mut self.inner {
-            Loop::V4(l) => {
+        match self {
+            LinkLoop::V4(l) => {
                 l.clean();
                 l.pending.clear();
                 l.state.collision = None;
             }
-            Loop::V5(l) => {
+            LinkLoop::V5(l) => {
                 l.clean();
                 l.pending.clear();
                 l.state.collision = None;
             }
         }
     }
-}
-
-/// Hurries the broker's acknowledgements along; returns whether a nudge is
-/// now unanswered.
-///
-/// A broker with Nagle's algorithm on (mosquitto's default) sends the first
-/// of a burst of PUBACKs and holds the rest until this host's TCP ACK for
-/// it, which the kernel delays by up to 40 ms when it has nothing to send:
-/// while runnel waits for those PUBACKs it sends nothing, so every batch's
-/// delivery took that long. A 2-byte PINGREQ written when the last PUBACK
-/// read so far leaves publishes unacknowledged carries the ACK at once.
-///
-/// It is written around rumqttc's state so it cannot clash with the
-/// keep-alive ping; the PINGRESP it draws only clears a flag that ping sets.
-async fn nudge_v4(l: &mut rumqttc::EventLoop, nudging: bool) -> bool {
-    if nudging || !l.state.events.is_empty() || l.state.inflight() == 0 {
-        return nudging;
-    }
-    let Some(network) = l.network.as_mut() else {
-        return false;
-    };
-    // A failed write shows again, as the connection's error, at the next poll.
-    network.write(rumqttc::Packet::PingReq).await.is_ok() && network.flush().await.is_ok()
 }
 
 fn outgoing(out: Outgoing) -> LinkEvent {
