@@ -161,12 +161,13 @@ fn main() {
     let native_in = native_records(&data);
     let engine = Engine::new(&EngineOptions::default()).expect("engine");
 
-    // RUNNEL_BENCH=pass (or =chain) runs one part, for profiling.
+    // RUNNEL_BENCH=chain, =stages or =pass runs one part, for profiling.
     let only = std::env::var("RUNNEL_BENCH").unwrap_or_default();
+    let part = |name: &str| only.is_empty() || only == name;
     println!("runnel chain benchmark: {RECORDS} readings of ~100 bytes, median of {ROUNDS} rounds");
     println!("{:<44} {:>12} {:>10}", "", "ns/record", "vs native");
     for batch in [64, 1] {
-        if only == "pass" {
+        if !part("chain") {
             break;
         }
         let mut run_native = |chain: &mut Vec<NativeStage>, mut b: Vec<runnel_sdk::Record>| {
@@ -204,9 +205,42 @@ fn main() {
         );
     }
 
+    // Each stage alone at batch 64, fed what reaches it in the chain (the
+    // native outputs of the stages before it): where the chain's ratio comes from.
+    let mut reaching = native_in.clone();
+    for (i, (name, _)) in STAGES.iter().enumerate() {
+        if !part("stages") {
+            break;
+        }
+        let mut run_native = |stage: &mut NativeStage, b| stage(b).len();
+        let mut run_wasm = |chain: &mut Chain, b| chain.process(b).outputs.len();
+        let (mut native, mut wasm) = (Vec::new(), Vec::new());
+        for r in 0..=ROUNDS {
+            let mut alone = native_chain().swap_remove(i);
+            let n = round(&reaching, 64, &mut alone, &mut run_native);
+            let mut one = wasm_chain(&engine, &STAGES[i..=i]);
+            let w = round(&reaching, 64, &mut one, &mut run_wasm);
+            if r > 0 {
+                native.push(n);
+                wasm.push(w);
+            }
+        }
+        let (native_ns, wasm_ns) = (median(native), median(wasm));
+        println!(
+            "{:<44} {wasm_ns:>12.0} {:>9.2}x   (native {native_ns:.0})",
+            format!("stage {name} alone, runnel, batch 64"),
+            wasm_ns / native_ns
+        );
+        let mut stage = native_chain().swap_remove(i);
+        reaching = reaching
+            .chunks(64)
+            .flat_map(|b| stage(b.to_vec()))
+            .collect();
+    }
+
     let pass = [("passthrough", "{}")];
     for batch in [1, 64] {
-        if only == "chain" {
+        if !part("pass") {
             break;
         }
         let ns = measure(
@@ -224,7 +258,7 @@ fn main() {
     // The same calls straight into one instance, without the chain's
     // bookkeeping: what crossing into wasm and back costs by itself.
     for batch in [1, 64] {
-        if only == "chain" {
+        if !part("pass") {
             break;
         }
         let limits = StageLimits {
@@ -267,7 +301,7 @@ fn main() {
     }
     // The stage side of the same call, compiled natively: decoding the batch,
     // running the stage and encoding the outcomes, with no wasm in between.
-    if only != "chain" {
+    if part("pass") {
         let slot = std::cell::RefCell::new(None);
         runnel_sdk::__private::init::<passthrough::PassthroughStage>(&slot, "{}".into())
             .expect("init");
