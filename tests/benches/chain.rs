@@ -135,6 +135,21 @@ fn round<C, R: Clone>(
     elapsed.as_nanos() as f64 / records.len() as f64
 }
 
+/// Median ns per record of each side over the rounds. Rounds alternate
+/// between the two, so a change in the machine's speed during the run (this
+/// VM's steal comes and goes) falls on both; round 0 only warms up.
+fn alternating(mut native: impl FnMut() -> f64, mut wasm: impl FnMut() -> f64) -> (f64, f64) {
+    let (mut native_ns, mut wasm_ns) = (Vec::new(), Vec::new());
+    for r in 0..=ROUNDS {
+        let (n, w) = (native(), wasm());
+        if r > 0 {
+            native_ns.push(n);
+            wasm_ns.push(w);
+        }
+    }
+    (median(native_ns), median(wasm_ns))
+}
+
 fn median(mut figures: Vec<f64>) -> f64 {
     figures.sort_by(f64::total_cmp);
     figures[figures.len() / 2]
@@ -177,23 +192,13 @@ fn main() {
             b.len()
         };
         let mut run_wasm = |chain: &mut Chain, b| chain.process(b).outputs.len();
-        // Rounds alternate between the two, so a change in the machine's
-        // speed during the run (this VM's steal comes and goes) falls on both.
-        let (mut native, mut wasm) = (Vec::new(), Vec::new());
-        for r in 0..=ROUNDS {
-            let n = round(&native_in, batch, &mut native_chain(), &mut run_native);
-            let w = round(
-                &wasm_in,
-                batch,
-                &mut wasm_chain(&engine, STAGES),
-                &mut run_wasm,
-            );
-            if r > 0 {
-                native.push(n);
-                wasm.push(w);
-            }
-        }
-        let (native_ns, wasm_ns) = (median(native), median(wasm));
+        let (native_ns, wasm_ns) = alternating(
+            || round(&native_in, batch, &mut native_chain(), &mut run_native),
+            || {
+                let mut chain = wasm_chain(&engine, STAGES);
+                round(&wasm_in, batch, &mut chain, &mut run_wasm)
+            },
+        );
         println!(
             "{:<44} {native_ns:>12.0}",
             format!("example chain (5 stages), native, batch {batch}")
@@ -214,18 +219,20 @@ fn main() {
         }
         let mut run_native = |stage: &mut NativeStage, b| stage(b).len();
         let mut run_wasm = |chain: &mut Chain, b| chain.process(b).outputs.len();
-        let (mut native, mut wasm) = (Vec::new(), Vec::new());
-        for r in 0..=ROUNDS {
-            let mut alone = native_chain().swap_remove(i);
-            let n = round(&reaching, 64, &mut alone, &mut run_native);
-            let mut one = wasm_chain(&engine, &STAGES[i..=i]);
-            let w = round(&reaching, 64, &mut one, &mut run_wasm);
-            if r > 0 {
-                native.push(n);
-                wasm.push(w);
-            }
-        }
-        let (native_ns, wasm_ns) = (median(native), median(wasm));
+        let (native_ns, wasm_ns) = alternating(
+            || {
+                round(
+                    &reaching,
+                    64,
+                    &mut native_chain().swap_remove(i),
+                    &mut run_native,
+                )
+            },
+            || {
+                let mut one = wasm_chain(&engine, &STAGES[i..=i]);
+                round(&reaching, 64, &mut one, &mut run_wasm)
+            },
+        );
         println!(
             "{:<44} {wasm_ns:>12.0} {:>9.2}x   (native {native_ns:.0})",
             format!("stage {name} alone, runnel, batch 64"),
