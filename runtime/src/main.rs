@@ -122,7 +122,12 @@ const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The embedded broker's own log is off unless RUST_LOG asks for it: at
+    // info it logs every client's connect and disconnect, and it logs errors
+    // for ordinary events (a client that connects, publishes and leaves, as
+    // mosquitto_pub does, gives "no-connection id N is already gone").
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
