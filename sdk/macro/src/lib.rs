@@ -247,6 +247,12 @@ fn in_place(
             quote!(if made { #p::emit_input(out, encoded) } else { #p::emit_nothing(out) }),
         ),
     };
+    // Only a kept filter input goes out as the bytes it came in.
+    let encoded = if form == Form::Filter {
+        quote!(encoded)
+    } else {
+        quote!(_)
+    };
     let call = quote!(#call_fn(#arg #config_arg));
     let call = if fallible {
         quote!(#call.map_err(::runnel_sdk::Error::from))
@@ -256,8 +262,7 @@ fn in_place(
     Ok(quote! {
         #[allow(clippy::useless_conversion)]
         fn process_encoded(&mut self, batch: &[u8], out: &mut ::std::vec::Vec<u8>) {
-            #p::each_in_place(batch, out, |record, encoded, out| {
-                let _ = encoded;
+            #p::each_in_place(batch, out, |record, #encoded, out| {
                 let made = (|| -> ::runnel_sdk::Result<_> {
                     let value = #p::parse_json::<#input_ty>(record)?;
                     #call
