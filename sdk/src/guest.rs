@@ -87,7 +87,7 @@ pub fn process_owned<S: Stage>(stage: &mut S, batch: &[u8], out: &mut Vec<u8>) {
     for outcome in outcomes {
         match outcome {
             Ok(outputs) => emit_records(out, &outputs),
-            Err(err) => put_reject(out, err.message()),
+            Err(err) => reject(out, &err),
         }
     }
 }

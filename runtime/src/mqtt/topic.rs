@@ -96,24 +96,30 @@ impl TopicTemplate {
     /// record lacks, when given.
     pub fn render_filling(&self, record: &Record, fill: Option<&str>) -> Result<String, String> {
         let mut topic = self.text.clone();
-        let field = |value: &'_ Option<String>, name: &str| -> Result<String, String> {
-            value
-                .as_deref()
-                .filter(|v| !v.is_empty())
-                .or(fill)
-                .map(str::to_string)
-                .ok_or_else(|| format!("the record has no {name} for topic `{}`", self.text))
-        };
         if topic.contains("{key}") {
-            topic = topic.replace("{key}", &field(&record.key, "key")?);
+            topic = topic.replace("{key}", self.field(&record.key, fill, "key")?);
         }
         if topic.contains("{topic}") {
-            topic = topic.replace("{topic}", &field(&record.topic, "topic")?);
+            topic = topic.replace("{topic}", self.field(&record.topic, fill, "topic")?);
         }
         if topic.contains(['+', '#', '\0']) {
             return Err(format!("`{topic}` is not a topic one can publish to"));
         }
         Ok(topic)
+    }
+
+    /// A record's key or topic for the template, else `fill`, else why not.
+    fn field<'a>(
+        &self,
+        value: &'a Option<String>,
+        fill: Option<&'a str>,
+        name: &str,
+    ) -> Result<&'a str, String> {
+        value
+            .as_deref()
+            .filter(|v| !v.is_empty())
+            .or(fill)
+            .ok_or_else(|| format!("the record has no {name} for topic `{}`", self.text))
     }
 }
 
