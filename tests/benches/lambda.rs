@@ -166,13 +166,15 @@ fn main() {
         .map(|starts| starts.iter().map(|s| s.total_ms).collect())
         .collect();
     // Each case against the native start with the same first invocation.
-    let native_cold = |messages: usize| {
+    // The median start of a case with a given first invocation.
+    let cold_median = |wanted: (Case, usize)| {
         let i = cases
             .iter()
-            .position(|c| *c == (Case::Native, messages))
-            .expect("a native case for each first invocation");
+            .position(|c| *c == wanted)
+            .expect("a case for each first invocation");
         median(&cold_ms[i])
     };
+    let native_cold = |messages: usize| cold_median((Case::Native, messages));
     println!("cold start: spawn to first answer, {cold_runs} starts each      median ms    min ms   max ms   vs native");
     for (i, (case, messages)) in cases.iter().enumerate() {
         let ratio = if *case == Case::Native {
@@ -262,13 +264,8 @@ fn main() {
     }
 
     let verdict = |ratio: f64, goal: f64| if ratio <= goal { "met" } else { "not met" };
-    let cold_ratio = |messages: usize| {
-        let i = cases
-            .iter()
-            .position(|c| *c == (Case::RunnelCached, messages))
-            .expect("a cached case for each first invocation");
-        median(&cold_ms[i]) / native_cold(messages)
-    };
+    let cold_ratio =
+        |messages: usize| cold_median((Case::RunnelCached, messages)) / native_cold(messages);
     let (cold_one, cold_full) = (cold_ratio(1), cold_ratio(MESSAGES));
     let warm_ratio = per_call[1] / per_call[0];
     println!(
