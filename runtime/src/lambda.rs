@@ -73,7 +73,7 @@ pub async fn serve(pipeline_path: &std::path::Path, options: &RunOptions) -> any
     };
     tracing::info!(
         pipeline = %pipeline_path.display(),
-        ms = started.elapsed().as_millis() as u64,
+        ms = crate::ms_since(started),
         "ready for invocations"
     );
     let runner = Arc::new(Mutex::new(runner));

@@ -32,3 +32,9 @@ pub mod wasm;
 pub use config::Pipeline;
 pub use run::{run, RunOptions, Summary};
 pub use wasm::Record;
+
+/// Milliseconds since `start`, to a tenth: start-up steps that take well
+/// under a millisecond would all log as 0 in whole milliseconds.
+pub(crate) fn ms_since(start: std::time::Instant) -> f64 {
+    (start.elapsed().as_secs_f64() * 1e4).round() / 10.0
+}

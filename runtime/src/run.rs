@@ -112,7 +112,7 @@ pub fn load_stages(pipeline: &Pipeline, engine: &Engine) -> Result<Vec<LoadedSta
         tracing::info!(
             stage = name,
             from_cache = loaded.cache == Some(CacheOutcome::Hit),
-            ms = started.elapsed().as_millis() as u64,
+            ms = crate::ms_since(started),
             "stage loaded"
         );
         stages.push(loaded);

@@ -7,7 +7,8 @@
 //! cargo bench -p runnel-tests --bench mqtt
 //!
 //! It builds the release binary first (`cargo build --release -p runnel`,
-//! into target/mqtt-bench); RUNNEL_BENCH_BIN=path uses that binary instead.
+//! into target/mqtt-bench); RUNNEL_BENCH_BIN=path uses that binary instead,
+//! and RUNNEL_BENCH_IDLE=1 measures only its idle memory.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::BufRead;
@@ -49,6 +50,13 @@ fn main() {
     let bin = runnel_binary();
     let dir = tempfile::tempdir().expect("temp dir");
     let ticks = clock_ticks();
+    // RUNNEL_BENCH_IDLE=1: only the idle memory, to compare builds quickly.
+    if std::env::var_os("RUNNEL_BENCH_IDLE").is_some() {
+        println!("runnel: {}", bin.display());
+        println!("idle memory (VmRSS, a few seconds after subscribing, nothing flowing)");
+        idle_memory(&bin, dir.path());
+        return;
+    }
 
     println!(
         "MQTT benchmark: {} on loopback, {PAYLOAD_BYTES}-byte JSON readings from {DEVICES} devices",
