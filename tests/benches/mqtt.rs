@@ -53,7 +53,6 @@ fn main() {
     // RUNNEL_BENCH_IDLE=1: only the idle memory, to compare builds quickly.
     if std::env::var_os("RUNNEL_BENCH_IDLE").is_some() {
         println!("runnel: {}", bin.display());
-        println!("idle memory (VmRSS, a few seconds after subscribing, nothing flowing)");
         idle_memory(&bin, dir.path());
         return;
     }
@@ -155,7 +154,7 @@ fn main() {
     .iter()
     .any(|v| std::env::var_os(v).is_some());
     if !partial {
-        println!("\nidle memory (VmRSS, a few seconds after subscribing, nothing flowing)");
+        println!();
         idle_memory(&bin, dir.path());
     }
 }
@@ -867,6 +866,7 @@ async fn relay(port: u16, qos: QoS, id: String) {
 /// Idle RSS of runnel with the whole example chain (all five demo stages)
 /// between MQTT topics, and of the relay.
 fn idle_memory(bin: &Path, dir: &Path) {
+    println!("idle memory (VmRSS, a few seconds after subscribing, nothing flowing)");
     let dir = dir.join("idle");
     let broker = Mosquitto::start(&dir.join("broker"), free_port());
     let pipeline = dir.join("idle.toml");
