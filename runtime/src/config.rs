@@ -214,7 +214,7 @@ impl Pipeline {
     pub fn parse(path: &Path, text: String) -> Result<Self, ConfigError> {
         let file: PipelineFile = toml::from_str(&text).map_err(|err| ConfigError::Parse {
             path: path.to_owned(),
-            message: parse_message(&err),
+            message: unknown_key_at_its_line(&text, &err).unwrap_or_else(|| parse_message(&err)),
         })?;
         let mut pipeline = Pipeline {
             path: path.to_owned(),
@@ -478,6 +478,36 @@ fn parse_message(err: &toml::de::Error) -> String {
         .unwrap_or(message)
         .trim_end()
         .to_string()
+}
+
+/// An unknown key in a table whose `type` picks its fields (`[source]`,
+/// `[sink]`, `[dead_letter]`) is reported by serde at the table's header;
+/// point at the key's own line instead, as for any other table.
+fn unknown_key_at_its_line(text: &str, err: &toml::de::Error) -> Option<String> {
+    let key = err
+        .message()
+        .strip_prefix("unknown field `")?
+        .split('`')
+        .next()?;
+    let header = err.span()?;
+    if !text.get(header.clone())?.starts_with('[') {
+        return None;
+    }
+    let body = &text[header.end..];
+    let body = &body[..body.find("\n[").unwrap_or(body.len())];
+    let at = header.end + find_key(body, key)?;
+    Some(snippet(text, at..at + key.len(), err.message()))
+}
+
+/// The file's line at `span`, marked, then `message`: the layout toml's own
+/// errors use, so every error about the file reads the same.
+fn snippet(text: &str, span: std::ops::Range<usize>, message: &str) -> String {
+    let (line, column) = line_col(text, span.start);
+    let content = text.lines().nth(line - 1).unwrap_or("");
+    let gutter = " ".repeat(line.to_string().len());
+    let pad = " ".repeat(column - 1);
+    let marks = "^".repeat(span.len().max(1));
+    format!("line {line}, column {column}\n{gutter} |\n{line} | {content}\n{gutter} | {pad}{marks}\n{message}")
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
