@@ -441,10 +441,19 @@ impl Pipeline {
         let Some(start) = find_at_line_start(text, &header) else {
             return 0..0;
         };
-        let body = start + header.len();
-        let end = text[body..].find("\n[").map_or(text.len(), |n| body + n);
-        find_key(&text[body..end], key).map_or(start..body, |i| body + i..body + i + key.len())
+        let body = table_body(text, start + header.len());
+        find_key(&text[body.clone()], key).map_or(start..body.start, |i| {
+            body.start + i..body.start + i + key.len()
+        })
     }
+}
+
+/// The text of a table from the end of its header to the next header.
+fn table_body(text: &str, header_end: usize) -> std::ops::Range<usize> {
+    let end = text[header_end..]
+        .find("\n[")
+        .map_or(text.len(), |n| header_end + n);
+    header_end..end
 }
 
 /// Where `key = ...` is written at the start of a line (not in a comment or a value).
@@ -493,9 +502,8 @@ fn unknown_key_at_its_line(text: &str, err: &toml::de::Error) -> Option<String> 
     if !text.get(header.clone())?.starts_with('[') {
         return None;
     }
-    let body = &text[header.end..];
-    let body = &body[..body.find("\n[").unwrap_or(body.len())];
-    let at = header.end + find_key(body, key)?;
+    let body = table_body(text, header.end);
+    let at = body.start + find_key(&text[body], key)?;
     Some(snippet(text, at..at + key.len(), err.message()))
 }
 
