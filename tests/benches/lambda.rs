@@ -165,7 +165,6 @@ fn main() {
         .iter()
         .map(|starts| starts.iter().map(|s| s.total_ms).collect())
         .collect();
-    // Each case against the native start with the same first invocation.
     // The median start of a case with a given first invocation.
     let cold_median = |wanted: (Case, usize)| {
         let i = cases
@@ -174,6 +173,7 @@ fn main() {
             .expect("a case for each first invocation");
         median(&cold_ms[i])
     };
+    // Each case is set against the native start with the same first invocation.
     let native_cold = |messages: usize| cold_median((Case::Native, messages));
     println!("cold start: spawn to first answer, {cold_runs} starts each      median ms    min ms   max ms   vs native");
     for (i, (case, messages)) in cases.iter().enumerate() {
