@@ -388,6 +388,9 @@ impl Pipeline {
                     "topics must list at least one topic filter".into(),
                 ));
             }
+            for filter in topics {
+                crate::mqtt::check_filter(filter).map_err(|m| at("topics", m))?;
+            }
             if *qos > 1 {
                 return Err(at("qos", format!("qos must be 0 or 1, not {qos}")));
             }

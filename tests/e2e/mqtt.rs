@@ -82,6 +82,15 @@ fn start(dir: &Path) -> Background {
     runnel
 }
 
+/// Waits until the file holds `lines` lines, or the delivery time is up.
+fn wait_for_lines(path: &Path, lines: usize) {
+    let started = std::time::Instant::now();
+    let count = || std::fs::read_to_string(path).map_or(0, |t| t.lines().count());
+    while count() < lines && started.elapsed() < DELIVERY {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn persistent(url: &str) -> String {
     format!("broker = \"{url}\"\nclient_id = \"runnel-{}\"\n", unique())
 }
@@ -193,6 +202,170 @@ path = "out.jsonl"
     assert_eq!(records[0]["topic"], "sensors/dev-1/telemetry");
     assert_eq!(records[0]["headers"]["site"], "plant-a", "{:?}", records[0]);
     assert_eq!(records[0]["payload"]["n"], 1);
+}
+
+/// One message too large for the source's connection, one whose output is
+/// too large for the sink's: each is dead-lettered with the reason, and the
+/// readings around them go through, on both protocol versions.
+#[test]
+fn oversized_messages_in_and_out_are_dead_lettered_and_the_stream_goes_on() {
+    for protocol in ["3.1.1", "5"] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let broker = Mosquitto::start(&dir.path().join("broker"), free_port());
+        let collector = Collector::start(broker.port, &["out/#"]);
+        let text = format!(
+            r#"
+[mqtt.local]
+broker = "{url}"
+client_id = "runnel-in-{id}"
+protocol = "{protocol}"
+max_packet_kb = 512
+
+[mqtt.out]
+broker = "{url}"
+client_id = "runnel-out-{id}"
+protocol = "{protocol}"
+max_packet_kb = 64
+
+[source]
+type = "mqtt"
+connection = "local"
+topics = ["sensors/+/telemetry"]
+key = "sensors/{{key}}/telemetry"
+
+[[stage]]
+name = "faults"
+wasm = {wasm:?}
+
+[sink]
+type = "mqtt"
+connection = "out"
+topic = "out/{{key}}"
+
+[dead_letter]
+type = "file"
+path = "dead.jsonl"
+"#,
+            url = broker.url(),
+            id = unique(),
+            wasm = stage("faults").display().to_string()
+        );
+        std::fs::write(dir.path().join("p.toml"), text).expect("write pipeline");
+        let runnel = start(dir.path());
+        let padded = |n: usize, bytes: usize| {
+            let mut payload = format!("{{\"n\":{n},\"pad\":\"").into_bytes();
+            payload.resize(bytes, b'x');
+            payload.extend_from_slice(b"\"}");
+            payload
+        };
+        let topic = |dev: &str| format!("sensors/{dev}/telemetry");
+        publish_all(
+            broker.port,
+            &[
+                (topic("dev-1"), padded(1, 100)),
+                // Through the source (512 KiB), too large for the sink (64 KiB).
+                (topic("dev-2"), padded(2, 100 << 10)),
+                // Too large for the source.
+                (topic("dev-3"), padded(3, 600 << 10)),
+                (topic("dev-4"), padded(4, 100)),
+            ],
+        );
+        let got = collector.wait_until(DELIVERY, |got| distinct(got).len() == 2);
+        let dead_file = dir.path().join("dead.jsonl");
+        wait_for_lines(&dead_file, 2);
+        let run = runnel.stop();
+        assert_eq!(
+            distinct(&got),
+            BTreeSet::from([1, 4]),
+            "{protocol}: {}",
+            run.stderr
+        );
+        let dead = read_json_lines(&dead_file);
+        assert_eq!(dead.len(), 2, "{protocol}: {dead:?}\n{}", run.stderr);
+        let by_stage: std::collections::HashMap<&str, &serde_json::Value> = dead
+            .iter()
+            .map(|d| (d["stage"].as_str().unwrap_or_default(), d))
+            .collect();
+        let sink = by_stage.get("sink").expect("a dead letter from the sink");
+        assert_eq!(sink["record"]["key"], "dev-2", "{protocol}");
+        let reason = sink["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("max_packet_kb (65536 bytes)"),
+            "{protocol}: {reason}"
+        );
+        let source = by_stage
+            .get("source")
+            .expect("a dead letter from the source");
+        assert_eq!(source["record"]["topic"], topic("dev-3"), "{protocol}");
+        let reason = source["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("max_packet_kb (524288 bytes)"),
+            "{protocol}: {reason}"
+        );
+        assert_eq!(run.status, Some(0), "{protocol}: {}", run.stderr);
+        let n = summary_numbers(run.summary());
+        assert_eq!(&n[..4], &[4, 2, 0, 2], "{protocol}: {}", run.summary());
+        assert!(
+            !run.stderr.contains("reconnected"),
+            "{protocol}: no connection dropped over them:\n{}",
+            run.stderr
+        );
+    }
+}
+
+/// A persistent session keeps the subscriptions of an earlier run: a
+/// message through one the pipeline no longer has is dead-lettered, not run.
+#[test]
+fn a_subscription_left_by_an_earlier_run_is_not_taken_for_input() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broker = Mosquitto::start(&dir.path().join("broker"), free_port());
+    let client = persistent(&broker.url());
+    let write = |topics: &str| {
+        let text = format!(
+            r#"
+[mqtt.local]
+{client}
+[source]
+type = "mqtt"
+topics = [{topics}]
+[[stage]]
+name = "faults"
+wasm = {:?}
+[sink]
+type = "file"
+path = "out.jsonl"
+[dead_letter]
+type = "file"
+path = "dead.jsonl"
+"#,
+            stage("faults").display().to_string()
+        );
+        std::fs::write(dir.path().join("p.toml"), text).expect("write pipeline");
+    };
+    write("\"frames/#\"");
+    start(dir.path()).stop();
+    write("\"sensors/+/telemetry\"");
+    let runnel = start(dir.path());
+    publish_all(
+        broker.port,
+        &[
+            ("frames/a/raw".into(), b"{\"n\":1}".to_vec()),
+            ("sensors/dev-1/telemetry".into(), b"{\"n\":2}".to_vec()),
+        ],
+    );
+    let dead_file = dir.path().join("dead.jsonl");
+    wait_for_lines(&dead_file, 1);
+    wait_for_lines(&dir.path().join("out.jsonl"), 1);
+    let run = runnel.stop();
+    let out = read_json_lines(&dir.path().join("out.jsonl"));
+    assert_eq!(out.len(), 1, "{out:?}\n{}", run.stderr);
+    assert_eq!(out[0]["payload"]["n"], 2);
+    let dead = read_json_lines(&dead_file);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["stage"], "source");
+    assert_eq!(dead[0]["record"]["topic"], "frames/a/raw");
+    let reason = dead[0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("clean_start = true"), "{reason}");
 }
 
 #[test]

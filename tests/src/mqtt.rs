@@ -227,7 +227,8 @@ fn options(client_id: &str, port: u16, clean: bool) -> MqttOptions {
     let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
     options.set_clean_session(clean);
     options.set_keep_alive(Duration::from_secs(30));
-    options.set_max_packet_size(1 << 20, 1 << 20);
+    // Large enough for the oversized messages some tests send on purpose.
+    options.set_max_packet_size(16 << 20, 16 << 20);
     options
 }
 

@@ -48,7 +48,9 @@ enum Command {
 
 /// What the poller tells the publisher.
 enum Note {
-    Connected,
+    Connected {
+        broker_max_packet: Option<usize>,
+    },
     Link(LinkEvent),
     /// The connection dropped; the publisher answers once it has taken
     /// back what was in flight.
@@ -60,6 +62,7 @@ enum Note {
 pub struct Connection {
     name: String,
     url: String,
+    max_packet: usize,
     client: LinkClient,
     commands: mpsc::UnboundedSender<Command>,
     inbound: Mutex<Option<mpsc::UnboundedReceiver<Inbound>>>,
@@ -74,6 +77,15 @@ pub struct Gauges {
     pub connected: AtomicBool,
     pub spooled_messages: AtomicU64,
     pub spooled_bytes: AtomicU64,
+}
+
+/// How much a connection's publisher takes at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most messages handed to rumqttc at once.
+    pub window: usize,
+    /// Largest packet sent or received (`max_packet_kb`).
+    pub max_packet: usize,
 }
 
 /// Topic filters to subscribe to on every (re)connect.
@@ -92,7 +104,7 @@ impl Connection {
         link: LinkLoop,
         subscription: Option<Subscription>,
         spool: Option<Spool>,
-        window: usize,
+        limits: Limits,
     ) -> Arc<Self> {
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (notes, note_rx) = mpsc::unbounded_channel();
@@ -126,7 +138,9 @@ impl Connection {
             next_batch: 0,
             spool,
             replay: None,
-            window: window.max(1),
+            window: limits.window.max(1),
+            max_packet: limits.max_packet,
+            broker_max_packet: None,
             spool_logged: None,
             gauges: gauges.clone(),
         };
@@ -134,6 +148,7 @@ impl Connection {
         Arc::new(Connection {
             name,
             url,
+            max_packet: limits.max_packet,
             client,
             commands,
             inbound: Mutex::new(Some(inbound_rx)),
@@ -150,6 +165,15 @@ impl Connection {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Largest message, as a packet, this connection sends or takes in.
+    pub fn max_packet(&self) -> usize {
+        self.max_packet
+    }
+
+    pub fn is_v5(&self) -> bool {
+        self.client.is_v5()
     }
 
     pub fn url(&self) -> &str {
@@ -252,7 +276,10 @@ impl Poller {
         let mut ever_connected = false;
         loop {
             match self.link.poll().await {
-                Ok(LinkEvent::Connected { session_present }) => {
+                Ok(LinkEvent::Connected {
+                    session_present,
+                    broker_max_packet,
+                }) => {
                     backoff.reset();
                     tracing::info!(
                         connection = %self.name,
@@ -263,11 +290,24 @@ impl Poller {
                     );
                     ever_connected = true;
                     if let Some(sub) = &self.subscription {
+                        // Only this connection's own subscription goes through
+                        // its queue, so a failure here is the request itself.
                         if let Err(err) = self.client.try_subscribe(&sub.filters, sub.qos) {
-                            tracing::error!(connection = %self.name, "cannot subscribe: {err}");
+                            let reason = format!(
+                                "connection `{}` ({}): cannot subscribe to {}: {err}",
+                                self.name,
+                                self.url,
+                                sub.filters.join(", ")
+                            );
+                            self.fail(reason);
+                            return;
                         }
                     }
-                    if self.notes.send(Note::Connected).is_err() {
+                    if self
+                        .notes
+                        .send(Note::Connected { broker_max_packet })
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -451,6 +491,10 @@ struct Publisher {
     replay: Option<u64>,
     /// Most messages handed to rumqttc at once.
     window: usize,
+    /// `max_packet_kb`, in bytes.
+    max_packet: usize,
+    /// The broker's own limit, when it gave one.
+    broker_max_packet: Option<usize>,
     spool_logged: Option<Instant>,
     gauges: Arc<Gauges>,
 }
@@ -512,11 +556,26 @@ impl Publisher {
         }
         let id = self.next_batch;
         self.next_batch += 1;
-        let count = messages.len();
+        // A message no broker of this connection would take is refused here,
+        // on its own: handed to rumqttc it would drop the connection, and
+        // every reconnect would try it again.
+        let mut outcome: PublishOutcome = vec![Ok(()); messages.len()];
+        let mut fitting = Vec::with_capacity(messages.len());
+        for (index, message) in messages.into_iter().enumerate() {
+            match self.too_large(&message) {
+                Some(reason) => outcome[index] = Err(reason),
+                None => fitting.push((index, message)),
+            }
+        }
+        if fitting.is_empty() {
+            let _ = done.send(Ok(outcome));
+            return;
+        }
         if self.spooling() && self.queue.is_empty() {
+            let messages: Vec<Outbound> = fitting.iter().map(|(_, m)| m.clone()).collect();
             match self.spool_append(&messages) {
                 Ok(()) => {
-                    let _ = done.send(Ok(vec![Ok(()); count]));
+                    let _ = done.send(Ok(outcome));
                     return;
                 }
                 Err(SpoolError::Full { .. }) => {} // waits in the queue, unacknowledged
@@ -530,11 +589,11 @@ impl Publisher {
             id,
             BatchState {
                 waiter: Waiter::Caller(done),
-                outcome: vec![Ok(()); count],
-                remaining: count,
+                outcome,
+                remaining: fitting.len(),
             },
         );
-        for (index, message) in messages.into_iter().enumerate() {
+        for (index, message) in fitting {
             self.seq += 1;
             self.queue.push_back(Pending {
                 seq: self.seq,
@@ -543,6 +602,23 @@ impl Publisher {
                 index,
             });
         }
+    }
+
+    /// Why `message` cannot be sent on this connection, if it cannot.
+    fn too_large(&self, message: &Outbound) -> Option<String> {
+        let size = message.packet_size(self.client.is_v5());
+        let (limit, whose) = match self.broker_max_packet {
+            Some(broker) if broker < self.max_packet => {
+                (broker, "the broker's maximum packet size")
+            }
+            _ => (self.max_packet, "the connection's max_packet_kb"),
+        };
+        (size > limit).then(|| {
+            format!(
+                "connection `{}`: the message is {size} bytes as an MQTT packet, over {whose} ({limit} bytes)",
+                self.name
+            )
+        })
     }
 
     fn spool_append(&mut self, messages: &[Outbound]) -> Result<(), SpoolError> {
@@ -576,8 +652,9 @@ impl Publisher {
 
     fn note(&mut self, note: Note) {
         match note {
-            Note::Connected => {
+            Note::Connected { broker_max_packet } => {
                 self.connected = true;
+                self.broker_max_packet = broker_max_packet;
                 tracing::debug!(
                     connection = %self.name,
                     queued = self.queue.len(),
@@ -723,6 +800,12 @@ impl Publisher {
             let Some(p) = self.queue.pop_front() else {
                 break;
             };
+            // The broker may have lowered its limit on a reconnect, or the
+            // message come back from the spool.
+            if let Some(reason) = self.too_large(&p.message) {
+                self.complete(p, Err(reason));
+                continue;
+            }
             if let Err(err) = self.client.try_publish(&p.message) {
                 tracing::debug!(connection = %self.name, "publish queue busy: {err}");
                 self.queue.push_front(p);
@@ -880,6 +963,13 @@ mod tests {
             .expect("publish")
     }
 
+    fn limits(window: usize) -> Limits {
+        Limits {
+            window,
+            max_packet: 1 << 20,
+        }
+    }
+
     fn options(port: u16, inflight: u16) -> LinkOptions {
         LinkOptions {
             client_id: "conn-test".into(),
@@ -914,7 +1004,7 @@ mod tests {
         let port = listener.local_addr().expect("address").port();
         let (client, link) = connect(options(port, 2), false);
         let url = format!("mqtt://127.0.0.1:{port}");
-        let conn = Connection::start("out".into(), url, client, link, None, None, 4);
+        let conn = Connection::start("out".into(), url, client, link, None, None, limits(4));
         let published = tokio::spawn(conn.start_publish(messages(4)));
 
         let mut first = BrokerEnd::accept(&listener, false).await;
@@ -954,7 +1044,7 @@ mod tests {
             LinkLoop::V5(_) => unreachable!("connected with MQTT 3.1.1"),
         }
         let url = format!("mqtt://127.0.0.1:{port}");
-        let conn = Connection::start("out".into(), url, client, link, None, None, 8);
+        let conn = Connection::start("out".into(), url, client, link, None, None, limits(8));
         let published = tokio::spawn(conn.start_publish(messages(3)));
         tokio::time::sleep(Duration::from_millis(100)).await;
 

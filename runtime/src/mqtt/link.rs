@@ -30,6 +30,8 @@ pub struct Message {
 pub enum LinkEvent {
     Connected {
         session_present: bool,
+        /// The largest packet the broker takes (MQTT 5 brokers may say).
+        broker_max_packet: Option<usize>,
     },
     Message(Box<Message>),
     /// A publish left with this packet id (0 at QoS 0).
@@ -63,6 +65,54 @@ pub struct Outbound {
     pub retain: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub properties: Vec<(String, String)>,
+}
+
+impl Outbound {
+    /// Its size as a PUBLISH packet, fixed header included: what a broker's
+    /// or this client's packet limit is measured against.
+    pub fn packet_size(&self, v5: bool) -> usize {
+        publish_size(
+            &self.topic,
+            self.payload.len(),
+            self.qos,
+            &self.properties,
+            v5,
+        )
+    }
+}
+
+/// MQTT's own ceiling on a packet: a remaining length of at most
+/// 268,435,455 bytes behind a fixed header of at most 5.
+pub const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
+
+/// The size of a PUBLISH packet, fixed header included.
+pub fn publish_size(
+    topic: &str,
+    payload: usize,
+    qos: u8,
+    properties: &[(String, String)],
+    v5: bool,
+) -> usize {
+    let packet_id = if qos > 0 { 2 } else { 0 };
+    let mut remaining = 2 + topic.len() + packet_id + payload;
+    if v5 {
+        // Each user property: its identifier byte and two length-prefixed strings.
+        let props: usize = properties
+            .iter()
+            .map(|(k, v)| 1 + 2 + k.len() + 2 + v.len())
+            .sum();
+        remaining += varint_len(props) + props;
+    }
+    1 + varint_len(remaining) + remaining
+}
+
+fn varint_len(n: usize) -> usize {
+    match n {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
 }
 
 mod payload_b64 {
@@ -137,7 +187,10 @@ pub fn connect(options: LinkOptions, v5: bool) -> (LinkClient, LinkLoop) {
             .set_clean_start(options.clean_start)
             .set_manual_acks(true)
             .set_transport(transport)
-            .set_max_packet_size(Some(options.max_packet_bytes as u32))
+            // Any message the broker holds is read, so one over
+            // `max_packet_bytes` is dead-lettered by the source rather than
+            // dropped by the broker unseen.
+            .set_max_packet_size(Some(MQTT_MAX_PACKET as u32))
             .set_outgoing_inflight_upper_limit(options.inflight)
             .set_request_channel_capacity(options.request_capacity);
         o.set_network_options(network_options());
@@ -157,7 +210,10 @@ pub fn connect(options: LinkOptions, v5: bool) -> (LinkClient, LinkLoop) {
             .set_clean_session(options.clean_start)
             .set_manual_acks(true)
             .set_transport(transport)
-            .set_max_packet_size(options.max_packet_bytes, options.max_packet_bytes)
+            // Any message the broker sends is read: refusing one would drop
+            // the connection, and the broker would send it again at once.
+            // The source dead-letters those over `max_packet_bytes`.
+            .set_max_packet_size(MQTT_MAX_PACKET, options.max_packet_bytes)
             .set_inflight(options.inflight)
             .set_request_channel_capacity(options.request_capacity);
         if let Some((user, password)) = options.credentials {
@@ -179,6 +235,10 @@ fn network_options() -> rumqttc::NetworkOptions {
 }
 
 impl LinkClient {
+    pub fn is_v5(&self) -> bool {
+        matches!(self, LinkClient::V5(_))
+    }
+
     /// Queues a publish without waiting; fails only when the queue is full
     /// or the event loop is gone.
     pub fn try_publish(&self, out: &Outbound) -> Result<(), String> {
@@ -224,11 +284,13 @@ impl LinkClient {
                 )
                 .map_err(|e| e.to_string()),
             LinkClient::V5(c) => c
-                .try_subscribe_many(
-                    filters
-                        .iter()
-                        .map(|f| m5::mqttbytes::v5::Filter::new(f.clone(), qos5(level))),
-                )
+                .try_subscribe_many(filters.iter().map(|f| m5::mqttbytes::v5::Filter {
+                    // runnel subscribes again on every reconnect; a
+                    // retained message already taken must not come
+                    // back each time the session is resumed.
+                    retain_forward_rule: m5::mqttbytes::v5::RetainForwardRule::OnNewSubscribe,
+                    ..m5::mqttbytes::v5::Filter::new(f.clone(), qos5(level))
+                }))
                 .map_err(|e| e.to_string()),
         }
     }
@@ -296,6 +358,7 @@ fn event_v4(event: rumqttc::Event) -> LinkEvent {
     match event {
         Event::Incoming(Packet::ConnAck(ack)) => LinkEvent::Connected {
             session_present: ack.session_present,
+            broker_max_packet: None,
         },
         Event::Incoming(Packet::Publish(p)) => LinkEvent::Message(Box::new(Message {
             topic: p.topic.clone(),
@@ -324,6 +387,11 @@ fn event_v5(event: m5::Event) -> LinkEvent {
     match event {
         Event::Incoming(Packet::ConnAck(ack)) => LinkEvent::Connected {
             session_present: ack.session_present,
+            broker_max_packet: ack
+                .properties
+                .as_ref()
+                .and_then(|p| p.max_packet_size)
+                .map(|max| max as usize),
         },
         Event::Incoming(Packet::Publish(p)) => LinkEvent::Message(Box::new(Message {
             topic: String::from_utf8_lossy(&p.topic).into_owned(),

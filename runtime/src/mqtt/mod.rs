@@ -18,9 +18,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 pub use conn::{Connection, Gauges, Inbound, Subscription};
-pub use link::{Delivery, Outbound};
+pub use link::{publish_size, Delivery, Message, Outbound};
 pub use spool::{SpoolConfig, WhenFull};
-pub use topic::{KeyPattern, TopicTemplate};
+pub use topic::{check_filter, filter_matches, KeyPattern, TopicTemplate};
 
 /// Default listener of the embedded broker.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:1883";
@@ -517,7 +517,10 @@ fn open_one(
         request_capacity: usize::from(inflight) * 4 + 1024,
     };
     let v5 = config.protocol == Protocol::V5;
-    let window = usize::from(inflight) * 2;
+    let limits = conn::Limits {
+        window: usize::from(inflight) * 2,
+        max_packet: options.max_packet_bytes,
+    };
     let both = subscription.is_some() && publishes;
     let subscriber = subscription.map(|subscription| {
         let (client, link) = link::connect(options.clone(), v5);
@@ -528,7 +531,7 @@ fn open_one(
             link,
             Some(subscription),
             None,
-            window,
+            limits,
         )
     });
     let publisher = publishes.then(|| {
@@ -537,7 +540,7 @@ fn open_one(
             options.client_id.push_str("-pub");
         }
         let (client, link) = link::connect(options, v5);
-        Connection::start(name.to_string(), url, client, link, None, spool, window)
+        Connection::start(name.to_string(), url, client, link, None, spool, limits)
     });
     Ok((subscriber, publisher))
 }

@@ -52,6 +52,75 @@ impl KeyPattern {
     }
 }
 
+/// Checks a subscription's topic filter as a broker would: `+` and `#` only
+/// as whole levels, `#` only last, and for `$share/GROUP/filter` a group
+/// name without wildcards. Catching it here names the pipeline file's line;
+/// a broker would only drop the connection.
+pub fn check_filter(filter: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("topic filter `{filter}`: {why}"));
+    if filter.is_empty() {
+        return bad("it is empty");
+    }
+    if filter.len() > usize::from(u16::MAX) {
+        return bad("it is longer than MQTT's 65,535 bytes");
+    }
+    if filter.contains('\0') {
+        return bad("it holds a NUL character");
+    }
+    let inner = match filter.strip_prefix("$share/") {
+        Some(rest) => {
+            let Some((group, inner)) = rest.split_once('/') else {
+                return bad("a shared subscription is `$share/GROUP/FILTER`");
+            };
+            if group.is_empty() || group.contains(['+', '#']) {
+                return bad("the share group must be a name, without `+` or `#`");
+            }
+            if inner.is_empty() {
+                return bad("a shared subscription needs a filter after its group");
+            }
+            inner
+        }
+        None => filter,
+    };
+    let levels: Vec<&str> = inner.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        match *level {
+            "#" if i + 1 < levels.len() => return bad("`#` must be the last level"),
+            "+" | "#" => {}
+            l if l.contains(['+', '#']) => {
+                return bad("`+` and `#` must stand alone as a whole level, as in `a/+/c` or `a/#`")
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Whether a message on `topic` is one `filter` subscribes to. Wildcards at
+/// the first level do not match topics that start with `$`.
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    let filter = match filter.strip_prefix("$share/") {
+        Some(rest) => rest.split_once('/').map_or(rest, |(_, inner)| inner),
+        None => filter,
+    };
+    if topic.starts_with('$') && filter.starts_with(['+', '#']) {
+        return false;
+    }
+    let mut parts = topic.split('/');
+    for level in filter.split('/') {
+        if level == "#" {
+            return true;
+        }
+        let Some(part) = parts.next() else {
+            return false;
+        };
+        if level != "+" && level != part {
+            return false;
+        }
+    }
+    parts.next().is_none()
+}
+
 /// `alerts/{key}` or `gw-7/{topic}`: the topic an output is published to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicTemplate {
@@ -143,6 +212,54 @@ mod tests {
         assert!(KeyPattern::parse("sensors/+/telemetry").is_err());
         assert!(KeyPattern::parse("{key}/{key}").is_err());
         assert!(KeyPattern::parse("a/#/{key}").is_err());
+    }
+
+    #[test]
+    fn topic_filters_are_checked_as_a_broker_would() {
+        for good in [
+            "sensors/+/telemetry",
+            "#",
+            "a/#",
+            "+",
+            "$share/gateways/site/#",
+            "$SYS/broker/load",
+        ] {
+            assert_eq!(check_filter(good), Ok(()), "{good}");
+        }
+        for (bad, why) in [
+            ("frames/#/raw", "`#` must be the last level"),
+            ("a/b#", "must stand alone"),
+            ("a/+b/c", "must stand alone"),
+            ("", "empty"),
+            ("$share/g", "`$share/GROUP/FILTER`"),
+            ("$share/g+/a", "share group"),
+            ("$share/g/", "needs a filter"),
+        ] {
+            let err = check_filter(bad).expect_err(bad);
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn filters_match_topics_level_by_level() {
+        assert!(filter_matches(
+            "sensors/+/telemetry",
+            "sensors/dev-1/telemetry"
+        ));
+        assert!(!filter_matches(
+            "sensors/+/telemetry",
+            "sensors/dev-1/status"
+        ));
+        assert!(!filter_matches(
+            "sensors/+/telemetry",
+            "sensors/dev-1/telemetry/x"
+        ));
+        assert!(filter_matches("sensors/#", "sensors"));
+        assert!(filter_matches("sensors/#", "sensors/a/b"));
+        assert!(filter_matches("$share/g/sensors/+", "sensors/a"));
+        assert!(!filter_matches("#", "$SYS/broker/load"));
+        assert!(filter_matches("$SYS/#", "$SYS/broker/load"));
+        assert!(!filter_matches("a/b", "a"));
     }
 
     #[test]

@@ -5,8 +5,14 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use super::{Batch, Clock, Source, SourceError};
-use crate::mqtt::{Connection, Delivery, Inbound, KeyPattern};
+use crate::chain::DeadLetter;
+use crate::mqtt::{
+    filter_matches, publish_size, Connection, Delivery, Inbound, KeyPattern, Message,
+};
 use crate::Record;
+
+/// How much of a refused message's payload its dead letter keeps.
+const KEPT_OF_REFUSED: usize = 64 << 10;
 
 /// Messages from topic filters on one broker connection. QoS 1 messages are
 /// acknowledged to the broker only once their batch is settled.
@@ -43,34 +49,86 @@ impl MqttSource {
         let id = self.next_id;
         self.next_id += 1;
         let mut acks = Vec::new();
-        let records = messages
-            .into_iter()
-            .map(|inbound| {
-                let message = inbound.message;
-                if let Some(delivery) = message.delivery {
-                    acks.push((inbound.generation, delivery));
-                }
-                let key = self
-                    .key
-                    .as_ref()
-                    .and_then(|k| k.key_of(&message.topic))
-                    .map(str::to_string);
-                let mut record = Record::new(message.payload.to_vec());
-                record.key = key;
-                record.topic = Some(message.topic);
-                record.timestamp = Some(inbound.arrived_ms);
-                record.headers = message.properties;
-                record
-            })
-            .collect();
+        let mut records = Vec::with_capacity(messages.len());
+        let mut unreadable = Vec::new();
+        for inbound in messages {
+            let mut message = inbound.message;
+            if let Some(delivery) = message.delivery.take() {
+                acks.push((inbound.generation, delivery));
+            }
+            let refused = self.refusal(&message);
+            let key = self
+                .key
+                .as_ref()
+                .and_then(|k| k.key_of(&message.topic))
+                .map(str::to_string);
+            let mut payload = message.payload.to_vec();
+            if refused.is_some() {
+                // Enough to tell what it was, small enough for any dead letter.
+                payload.truncate(KEPT_OF_REFUSED);
+            }
+            let mut record = Record::new(payload);
+            record.key = key;
+            record.topic = Some(message.topic);
+            record.timestamp = Some(inbound.arrived_ms);
+            record.headers = message.properties;
+            match refused {
+                Some(reason) => unreadable.push(DeadLetter {
+                    stage: "source".into(),
+                    reason,
+                    record,
+                    input: None,
+                }),
+                None => records.push(record),
+            }
+        }
         if !acks.is_empty() {
             self.unacked.insert(id, acks);
         }
         Batch {
             id,
             records,
-            unreadable: Vec::new(),
+            unreadable,
         }
+    }
+
+    /// Why a message does not go through the chain: larger than the
+    /// connection takes, or from a subscription this pipeline did not make.
+    fn refusal(&self, message: &Message) -> Option<String> {
+        let size = publish_size(
+            &message.topic,
+            message.payload.len(),
+            0,
+            &message.properties,
+            self.conn.is_v5(),
+        );
+        let max = self.conn.max_packet();
+        if size > max {
+            return Some(format!(
+                "the message on `{}` is {size} bytes, over connection `{}`'s max_packet_kb \
+                 ({max} bytes); the first {} KiB of its payload are kept here",
+                message.topic,
+                self.conn.name(),
+                KEPT_OF_REFUSED >> 10
+            ));
+        }
+        if !self
+            .filters
+            .iter()
+            .any(|f| filter_matches(f, &message.topic))
+        {
+            // A persistent session keeps the subscriptions of earlier runs,
+            // so a filter taken out of the pipeline file still delivers.
+            return Some(format!(
+                "the message on `{}` matches none of the source's topics ({}): a subscription \
+                 left in the broker's session by an earlier run with other topics; run once \
+                 with clean_start = true on connection `{}` to end it",
+                message.topic,
+                self.filters.join(", "),
+                self.conn.name()
+            ));
+        }
+        None
     }
 }
 
