@@ -1,3 +1,4 @@
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -9,6 +10,15 @@ use runnel::config::{ConfigError, Pipeline};
 use runnel::run::{engine_for, start_chain};
 use runnel::source::SourceConfig;
 use runnel::RunOptions;
+
+/// A line to stderr. `eprintln!` panics when stderr is gone (a pipe whose
+/// reader quit, as in `runnel run p.toml 2>&1 | head`); the line is lost
+/// then, but the run and its exit code are not.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 /// Exit code for a pipeline file or stage that is not valid.
 const EXIT_INVALID: u8 = 2;
@@ -94,7 +104,7 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("runnel: cannot start the async runtime: {err}");
+            say!("runnel: cannot start the async runtime: {err}");
             return ExitCode::from(EXIT_FAILED);
         }
     };
@@ -131,7 +141,10 @@ fn init_tracing(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Reporting a failed write would go to the same stderr, with a
+        // panic when it is gone; the log line is lost, the run goes on.
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -143,7 +156,7 @@ fn load(path: &std::path::Path) -> Result<Pipeline, ExitCode> {
 }
 
 fn invalid(err: &ConfigError) -> ExitCode {
-    eprintln!("runnel: {err}");
+    say!("runnel: {err}");
     ExitCode::from(EXIT_INVALID)
 }
 
@@ -179,19 +192,19 @@ async fn run(path: PathBuf, options: RunOptions) -> ExitCode {
                 }
                 _ => "they were not delivered",
             };
-            eprintln!("runnel: stopped without waiting longer for outputs under way: {inputs}");
+            say!("runnel: stopped without waiting longer for outputs under way: {inputs}");
             return ExitCode::from(EXIT_FAILED);
         }
     };
     match result {
         Ok(summary) => {
-            eprintln!("runnel: {summary}");
+            say!("runnel: {summary}");
             ExitCode::SUCCESS
         }
         Err(err) => match err.downcast_ref::<ConfigError>() {
             Some(config) => invalid(config),
             None => {
-                eprintln!("runnel: {}", error_text(&err));
+                say!("runnel: {}", error_text(&err));
                 ExitCode::from(EXIT_FAILED)
             }
         },
@@ -204,7 +217,7 @@ async fn lambda(path: PathBuf) -> ExitCode {
         Err(err) => match err.downcast_ref::<ConfigError>() {
             Some(config) => invalid(config),
             None => {
-                eprintln!("runnel: {}", error_text(&err));
+                say!("runnel: {}", error_text(&err));
                 ExitCode::from(EXIT_FAILED)
             }
         },
@@ -219,17 +232,20 @@ fn check(path: PathBuf) -> ExitCode {
     let engine = match engine_for(&pipeline, &RunOptions::default()) {
         Ok(engine) => engine,
         Err(err) => {
-            eprintln!("runnel: {}", error_text(&err));
+            say!("runnel: {}", error_text(&err));
             return ExitCode::from(EXIT_FAILED);
         }
     };
     match start_chain(&pipeline, &engine) {
         Ok(_) => {
-            println!(
+            let ok = writeln!(
+                std::io::stdout(),
                 "{}: ok, {} stage(s) loaded and started",
                 path.display(),
                 pipeline.file.stages.len()
             );
+            // The answer is the exit code; a closed stdout only loses the line.
+            drop(ok);
             ExitCode::SUCCESS
         }
         Err(err) => invalid(&err),

@@ -82,3 +82,19 @@ fn a_missing_pipeline_file_is_named() {
         run.stderr
     );
 }
+
+/// `runnel check p.toml 2>&1 | head -1` and the like: a reader that quit
+/// early must not turn the answer into a crash.
+#[test]
+fn a_closed_stderr_leaves_the_exit_code_alone() {
+    let mut child = std::process::Command::new(BIN)
+        .args(["check", "malformed.toml"])
+        .current_dir(repo_dir().join("tests/ui"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start runnel");
+    drop(child.stderr.take());
+    let status = child.wait().expect("wait for runnel");
+    assert_eq!(status.code(), Some(2), "exit 101 is a panic");
+}
