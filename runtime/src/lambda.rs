@@ -11,7 +11,7 @@ use aws_lambda_events::event::kafka::KafkaEvent;
 use aws_lambda_events::event::kinesis::KinesisEvent;
 use aws_lambda_events::event::sqs::SqsEvent;
 use base64::Engine as _;
-use lambda_runtime::{service_fn, LambdaEvent};
+use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
@@ -83,7 +83,7 @@ pub async fn serve(pipeline_path: &std::path::Path, options: &RunOptions) -> any
             let mut runner = runner.lock().await;
             invoke(&mut runner, shape, event.payload)
                 .await
-                .map_err(|err| lambda_runtime::Error::from(format!("{err:#}")))
+                .map_err(Diagnostic::from)
         }
     });
     lambda_runtime::run(handler)
@@ -91,16 +91,57 @@ pub async fn serve(pipeline_path: &std::path::Path, options: &RunOptions) -> any
         .map_err(|err| anyhow::anyhow!("the Lambda runtime stopped: {err}"))
 }
 
+/// Why an invocation failed. Its kind becomes the `errorType` Lambda
+/// reports, which CloudWatch, retries and on-failure destinations show.
+#[derive(Debug)]
+enum InvokeError {
+    /// The event is not one of the shape the pipeline takes.
+    InvalidEvent(anyhow::Error),
+    /// Records of a batch with no partial failure (Kafka) were dead-lettered.
+    BatchFailed(anyhow::Error),
+    /// The pipeline itself failed: a sink, or the chain's worker.
+    Pipeline(anyhow::Error),
+}
+
+impl From<InvokeError> for Diagnostic {
+    fn from(err: InvokeError) -> Self {
+        let (kind, err) = match err {
+            InvokeError::InvalidEvent(err) => ("InvalidEvent", err),
+            InvokeError::BatchFailed(err) => ("BatchFailed", err),
+            InvokeError::Pipeline(err) => ("PipelineFailed", err),
+        };
+        Diagnostic {
+            error_type: format!("Runnel.{kind}"),
+            error_message: format!("{err:#}"),
+        }
+    }
+}
+
 /// One invocation: the event's records through the chain, and the answer
 /// its shape calls for.
-async fn invoke(runner: &mut Runner, shape: EventShape, event: Value) -> anyhow::Result<Value> {
+async fn invoke(
+    runner: &mut Runner,
+    shape: EventShape,
+    event: Value,
+) -> Result<Value, InvokeError> {
     let shape = match shape {
         EventShape::Auto => detect(&event),
         shape => shape,
     };
-    let (records, ids) = decode(shape, event)?;
+    let (records, ids) = match decode(shape, event) {
+        Ok(decoded) => decoded,
+        // The caller of an HTTP endpoint gets the reason, as a client error.
+        Err(err) if shape == EventShape::Http => {
+            tracing::warn!("request refused: {err:#}");
+            return Ok(http_error(400, &format!("{err:#}")));
+        }
+        Err(err) => return Err(InvokeError::InvalidEvent(err)),
+    };
     let count = records.len();
-    let processed = runner.process(records, now_ms()).await?;
+    let processed = runner
+        .process(records, now_ms())
+        .await
+        .map_err(InvokeError::Pipeline)?;
     tracing::info!(
         event = ?shape,
         records = count,
@@ -108,7 +149,7 @@ async fn invoke(runner: &mut Runner, shape: EventShape, event: Value) -> anyhow:
         dead_letters = processed.dead.len(),
         "invocation done"
     );
-    answer(shape, &ids, processed)
+    answer(shape, &ids, processed).map_err(InvokeError::BatchFailed)
 }
 
 /// The shape of an event, from the fields each kind has.
@@ -145,9 +186,27 @@ fn decode(shape: EventShape, event: Value) -> anyhow::Result<Decoded> {
     Ok(match shape {
         EventShape::Sqs => sqs(serde_json::from_value(event).with_context(|| not("SQS"))?),
         EventShape::Kinesis => {
-            kinesis(serde_json::from_value(event).with_context(|| not("Kinesis"))?)
+            let mut event = event;
+            let arrivals = take_times(
+                &mut event,
+                "Records",
+                &["kinesis", "approximateArrivalTimestamp"],
+                1000.0,
+            );
+            let arrivals = arrivals.into_values().next().unwrap_or_default();
+            kinesis(
+                serde_json::from_value(event).with_context(|| not("Kinesis"))?,
+                &arrivals,
+            )
         }
-        EventShape::Kafka => kafka(serde_json::from_value(event).with_context(|| not("Kafka"))?)?,
+        EventShape::Kafka => {
+            let mut event = event;
+            let times = take_times(&mut event, "records", &["timestamp"], 1.0);
+            kafka(
+                serde_json::from_value(event).with_context(|| not("Kafka"))?,
+                &times,
+            )?
+        }
         EventShape::Http => http(event)?,
         EventShape::Raw | EventShape::Auto => raw(event),
     })
@@ -186,28 +245,68 @@ fn sqs(event: SqsEvent) -> Decoded {
         .unzip()
 }
 
-fn kinesis(event: KinesisEvent) -> Decoded {
+/// Record times, in ms, by the group they sit in (Kafka's partitions; one
+/// group for a list), in the event's order.
+type Times = std::collections::HashMap<String, Vec<Option<i64>>>;
+
+/// Reads each record's time from the event and leaves 0 in its place.
+/// aws_lambda_events 1.2 reads a Kinesis arrival time's fraction as if it
+/// were milliseconds (`.2` s as 2 ms), rounds Kafka times down by a
+/// millisecond, and fails or panics on some valid ones, so runnel reads them
+/// itself. `records` holds a list of records, or lists by name; `path` leads
+/// from a record to its time; `unit_ms` is the time unit in ms.
+fn take_times(event: &mut Value, records: &str, path: &[&str], unit_ms: f64) -> Times {
+    let read = |list: &mut Value| -> Vec<Option<i64>> {
+        let Some(list) = list.as_array_mut() else {
+            return Vec::new();
+        };
+        list.iter_mut()
+            .map(|record| {
+                let field = path
+                    .iter()
+                    .try_fold(record, |value, key| value.get_mut(*key))?;
+                let ms = field.as_f64().map(|t| (t * unit_ms).round() as i64);
+                if field.is_number() {
+                    *field = Value::from(0);
+                }
+                ms
+            })
+            .collect()
+    };
+    match event.get_mut(records) {
+        Some(Value::Object(groups)) => groups
+            .iter_mut()
+            .map(|(name, list)| (name.clone(), read(list)))
+            .collect(),
+        Some(list) => Times::from([(String::new(), read(list))]),
+        None => Times::new(),
+    }
+}
+
+fn kinesis(event: KinesisEvent, arrivals: &[Option<i64>]) -> Decoded {
     event
         .records
         .into_iter()
-        .map(|r| {
+        .enumerate()
+        .map(|(i, r)| {
             let mut record = Record::new(r.kinesis.data.0);
             record.key = Some(r.kinesis.partition_key);
             record.topic = arn_name(r.event_source_arn.as_deref());
-            record.timestamp = Some(r.kinesis.approximate_arrival_timestamp.0.timestamp_millis());
+            record.timestamp = arrivals.get(i).copied().flatten();
             (record, r.kinesis.sequence_number)
         })
         .unzip()
 }
 
-fn kafka(event: KafkaEvent) -> anyhow::Result<Decoded> {
+fn kafka(event: KafkaEvent, times: &Times) -> anyhow::Result<Decoded> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut partitions: Vec<_> = event.records.into_iter().collect();
     partitions.sort_by(|a, b| a.0.cmp(&b.0));
     let mut records = Vec::new();
     let mut ids = Vec::new();
     for (partition, messages) in partitions {
-        for m in messages {
+        let partition_times = times.get(&partition);
+        for (i, m) in messages.into_iter().enumerate() {
             let id = format!("{partition}@{}", m.offset);
             let value = match &m.value {
                 Some(v) => b64
@@ -223,7 +322,7 @@ fn kafka(event: KafkaEvent) -> anyhow::Result<Decoded> {
                 record.key = Some(String::from_utf8_lossy(&key).into_owned());
             }
             record.topic = m.topic.clone();
-            record.timestamp = Some(m.timestamp.0.timestamp_millis());
+            record.timestamp = partition_times.and_then(|t| t.get(i).copied().flatten());
             record.headers = m
                 .headers
                 .iter()
@@ -358,12 +457,7 @@ fn answer(shape: EventShape, ids: &[String], processed: Processed) -> anyhow::Re
 fn http_answer(processed: &Processed, reason: String) -> Value {
     let json_headers = json!({ "content-type": "application/json" });
     if !processed.dead.is_empty() {
-        return json!({
-            "statusCode": 422,
-            "headers": json_headers,
-            "body": json!({ "error": reason }).to_string(),
-            "isBase64Encoded": false,
-        });
+        return http_error(422, &reason);
     }
     match processed.outputs.as_slice() {
         [] => json!({ "statusCode": 204, "body": "", "isBase64Encoded": false }),
@@ -392,6 +486,16 @@ fn http_answer(processed: &Processed, reason: String) -> Value {
             "isBase64Encoded": false,
         }),
     }
+}
+
+/// An HTTP answer with `{"error": reason}` as its body.
+fn http_error(status: u16, reason: &str) -> Value {
+    json!({
+        "statusCode": status,
+        "headers": { "content-type": "application/json" },
+        "body": json!({ "error": reason }).to_string(),
+        "isBase64Encoded": false,
+    })
 }
 
 /// Tells the Runtime API why the start failed, so Lambda reports it with
@@ -454,6 +558,70 @@ mod tests {
             EventShape::Http
         );
         assert_eq!(detect(&json!({"device": "dev-1"})), EventShape::Raw);
+    }
+
+    #[test]
+    fn kinesis_and_kafka_times_are_read_to_the_millisecond() {
+        let kinesis_record = |seq: &str, at: f64| {
+            json!({
+                "kinesis": {
+                    "partitionKey": "k", "sequenceNumber": seq, "data": "MT0x",
+                    "approximateArrivalTimestamp": at
+                },
+                "eventSource": "aws:kinesis",
+                "eventSourceARN": "arn:aws:kinesis:eu-west-1:1:stream/frames"
+            })
+        };
+        let event = json!({"Records": [
+            kinesis_record("1", 1767225600.2),
+            kinesis_record("2", 1767225600.05),
+            kinesis_record("3", 1767225600.999999),
+        ]});
+        let (records, ids) = decode(EventShape::Kinesis, event).expect("kinesis");
+        let times: Vec<_> = records.iter().map(|r| r.timestamp).collect();
+        assert_eq!(
+            times,
+            [
+                Some(1767225600200),
+                Some(1767225600050),
+                Some(1767225601000)
+            ]
+        );
+        assert_eq!(ids, ["1", "2", "3"]);
+
+        let kafka_record = |offset: u64, at: f64| {
+            json!({
+                "topic": "t", "partition": 0, "offset": offset, "timestamp": at,
+                "timestampType": "CREATE_TIME", "value": "MT0x", "headers": []
+            })
+        };
+        let event = json!({
+            "eventSource": "aws:kafka",
+            "records": {
+                "t-1": [kafka_record(7, 1767225600123.0)],
+                "t-0": [kafka_record(1, 1767225600001.0), kafka_record(2, 1767225600000.5)],
+            }
+        });
+        let (records, ids) = decode(EventShape::Kafka, event).expect("kafka");
+        let times: Vec<_> = records.iter().map(|r| r.timestamp).collect();
+        assert_eq!(
+            times,
+            [
+                Some(1767225600001),
+                Some(1767225600001),
+                Some(1767225600123)
+            ]
+        );
+        assert_eq!(ids, ["t-0@1", "t-0@2", "t-1@7"]);
+    }
+
+    #[test]
+    fn errors_name_their_kind_for_lambda() {
+        let d = Diagnostic::from(InvokeError::BatchFailed(anyhow::anyhow!("1 of 2 failed")));
+        assert_eq!(d.error_type, "Runnel.BatchFailed");
+        assert_eq!(d.error_message, "1 of 2 failed");
+        let d = Diagnostic::from(InvokeError::InvalidEvent(anyhow::anyhow!("x")));
+        assert_eq!(d.error_type, "Runnel.InvalidEvent");
     }
 
     #[test]

@@ -177,6 +177,7 @@ fn every_event_shape_gets_the_answer_lambda_expects() {
         error.contains("1 of 2 records failed (sensors-0@16)") && error.contains("validate"),
         "{error}"
     );
+    assert!(error.contains("Runnel.BatchFailed"), "{error}");
 
     // API Gateway: the converted reading is the body; a bad one is a 422.
     let answer = emulator.invoke(&event("apigw-rest.json")).expect("apigw");
@@ -202,6 +203,23 @@ fn every_event_shape_gets_the_answer_lambda_expects() {
     assert_eq!(body["device"], "dev-2");
     assert_eq!(body["metrics"]["temperature"], 22.0);
 
+    // A body marked base64 that is not: the caller gets a 400 with the reason.
+    let mut request: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(event("function-url.json")).expect("function-url.json"),
+    )
+    .expect("JSON event");
+    request["body"] = "%%%".into();
+    let bad_body = dir.path().join("bad-body.json");
+    std::fs::write(&bad_body, request.to_string()).expect("write event");
+    let answer = emulator
+        .invoke(&bad_body)
+        .expect("a 400, not a function error");
+    assert_eq!(answer["statusCode"], 400, "{answer}");
+    assert!(answer["body"]
+        .as_str()
+        .unwrap_or("")
+        .contains("marked base64 but is not"));
+
     // An IoT rule's message: the outputs come back.
     let answer = emulator.invoke(&event("iot-rule.json")).expect("iot");
     assert_eq!(answer["outputs"][0]["device"], "dev-1", "{answer}");
@@ -215,6 +233,7 @@ fn every_event_shape_gets_the_answer_lambda_expects() {
         error.contains("the event is not a valid SQS event"),
         "{error}"
     );
+    assert!(error.contains("Runnel.InvalidEvent"), "{error}");
 
     // An oversized reading stops at the parse stage's memory cap: a dead
     // letter in the answer, and the function goes on.
