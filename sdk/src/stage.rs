@@ -77,10 +77,18 @@ pub trait Stage: Sized + 'static {
 #[serde(deny_unknown_fields)]
 pub struct NoConfig {}
 
-/// Reads a stage's config the way the host hands it over (JSON text).
+/// Reads a stage's config the way the host hands it over (JSON text). A key
+/// the config type has no field for is an error, as in the rest of the
+/// pipeline file, whether or not the type says `deny_unknown_fields`: a typo
+/// in an optional setting would otherwise leave its default in force
+/// unnoticed. (A `#[serde(flatten)]` map takes extra keys, for a stage that
+/// wants them.)
 pub fn parse_config<C: DeserializeOwned>(json: &str) -> Result<C, Error> {
     let mut reader = serde_json::Deserializer::from_str(json);
-    serde_path_to_error::deserialize(&mut reader).map_err(|err| {
+    let mut unknown = Vec::new();
+    let mut note = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let watched = serde_ignored::Deserializer::new(&mut reader, &mut note);
+    let config = serde_path_to_error::deserialize(watched).map_err(|err| {
         // The place in the JSON the host made means nothing to the author
         // of the TOML table; the field's path says where.
         let path = err.path().to_string();
@@ -94,5 +102,57 @@ pub fn parse_config<C: DeserializeOwned>(json: &str) -> Result<C, Error> {
         } else {
             Error::msg(format!("invalid stage config: {path}: {message}"))
         }
-    })
+    })?;
+    match unknown.first() {
+        None => Ok(config),
+        Some(first) => Err(Error::msg(format!(
+            "invalid stage config: unknown field `{first}`"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, Deserialize, PartialEq)]
+    #[serde(default)]
+    struct Config {
+        skip_channels: Vec<u32>,
+        limits: Limits,
+    }
+
+    #[derive(Debug, Default, Deserialize, PartialEq)]
+    #[serde(default)]
+    struct Limits {
+        max: f64,
+    }
+
+    #[test]
+    fn a_misspelt_key_is_an_error_without_deny_unknown_fields() {
+        let err = parse_config::<Config>(r#"{"skip_chanels": [9]}"#).expect_err("typo");
+        assert_eq!(
+            err.to_string(),
+            "invalid stage config: unknown field `skip_chanels`"
+        );
+        let err = parse_config::<Config>(r#"{"limits": {"mxa": 3}}"#).expect_err("nested");
+        assert_eq!(
+            err.to_string(),
+            "invalid stage config: unknown field `limits.mxa`"
+        );
+        let config = parse_config::<Config>(r#"{"skip_channels": [9], "limits": {"max": 3}}"#)
+            .expect("known keys");
+        assert_eq!(config.skip_channels, [9]);
+        assert_eq!(config.limits.max, 3.0);
+    }
+
+    #[test]
+    fn a_wrong_value_names_its_field() {
+        let err = parse_config::<Config>(r#"{"limits": {"max": "high"}}"#).expect_err("type");
+        assert!(
+            err.to_string()
+                .starts_with("invalid stage config: limits.max: invalid type"),
+            "{err}"
+        );
+    }
 }
