@@ -226,6 +226,37 @@ impl Pipeline {
         Ok(pipeline)
     }
 
+    /// What the file allows but is likely a mistake, one sentence each.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let (
+            SourceConfig::Mqtt {
+                connection: from,
+                topics,
+                ..
+            },
+            SinkConfig::Mqtt {
+                connection: to,
+                topic: None,
+                ..
+            },
+        ) = (&self.file.source, &self.file.sink)
+        {
+            if from == to {
+                warnings.push(format!(
+                    "{}: [sink] publishes each output to its record's own topic on connection \
+                     `{}`, which the source subscribes to ({}): an output whose topic no stage \
+                     changed comes back as an input, again and again; set the sink's topic, \
+                     e.g. topic = \"out/{{topic}}\"",
+                    self.path.display(),
+                    from.as_deref().unwrap_or_default(),
+                    topics.join(", ")
+                ));
+            }
+        }
+        warnings
+    }
+
     /// The folder relative paths in the file are taken from; empty for the
     /// current folder, so paths print as the user wrote them.
     pub fn base_dir(&self) -> &Path {
@@ -541,6 +572,25 @@ mod tests {
         assert_eq!(line_col(text, 0), (1, 1));
         assert_eq!(line_col(text, 6), (2, 1));
         assert_eq!(line_col(text, 9), (2, 4));
+    }
+
+    #[test]
+    fn a_sink_that_feeds_its_own_source_is_warned_of() {
+        let text = |sink_topic: &str| {
+            format!(
+                "[mqtt.local]\nbroker = \"mqtt://127.0.0.1:1883\"\n\
+                 [source]\ntype = \"mqtt\"\ntopics = [\"cmd/#\"]\n\
+                 [sink]\ntype = \"mqtt\"\n{sink_topic}"
+            )
+        };
+        let looping = Pipeline::parse(Path::new("p.toml"), text("")).expect("valid");
+        let warnings = looping.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].starts_with("p.toml: [sink] publishes each output to its record's own topic on connection `local`"), "{}", warnings[0]);
+        assert!(warnings[0].contains("(cmd/#)"), "{}", warnings[0]);
+        let elsewhere =
+            Pipeline::parse(Path::new("p.toml"), text("topic = \"out/{key}\"\n")).expect("valid");
+        assert_eq!(elsewhere.warnings(), Vec::<String>::new());
     }
 
     #[test]

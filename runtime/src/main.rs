@@ -229,6 +229,9 @@ fn check(path: PathBuf) -> ExitCode {
         Ok(pipeline) => pipeline,
         Err(code) => return code,
     };
+    for warning in pipeline.warnings() {
+        say!("runnel: warning: {warning}");
+    }
     let engine = match engine_for(&pipeline, &RunOptions::default()) {
         Ok(engine) => engine,
         Err(err) => {

@@ -167,6 +167,9 @@ pub async fn run(
         .source
         .open(pipeline.base_dir(), &runner.connections)
         .await?;
+    for warning in pipeline.warnings() {
+        tracing::warn!("{warning}");
+    }
     tracing::info!(
         pipeline = %pipeline.file.pipeline.name,
         file = %pipeline.path.display(),
