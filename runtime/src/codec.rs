@@ -4,11 +4,10 @@
 //! A line is an object with the payload in one of three fields: `payload`
 //! (any JSON value, kept as its JSON text), `text` (a string, kept as is) or
 //! `base64` (bytes). `key`, `topic`, `timestamp` (ms) and `headers` (an
-//! object of strings) are optional. Output picks `payload` when the bytes
+//! object of strings, or `[name, value]` pairs when a name repeats) are
+//! optional. Output picks `payload` when the bytes
 //! are JSON, `text` when they are UTF-8, else `base64`, so a sink's output
 //! reads back as the same records.
-
-use std::collections::BTreeMap;
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -28,7 +27,10 @@ pub enum LineFormat {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a record object, such as {\"payload\": {...}, \"key\": \"dev-1\"}"
+)]
 struct LineIn<'a> {
     #[serde(borrow, default, deserialize_with = "present")]
     payload: Option<&'a RawValue>,
@@ -37,8 +39,41 @@ struct LineIn<'a> {
     key: Option<String>,
     topic: Option<String>,
     timestamp: Option<i64>,
-    #[serde(default)]
-    headers: BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "headers_in")]
+    headers: Vec<(String, String)>,
+}
+
+/// Headers as an object (`{"site": "a"}`), or as `[name, value]` pairs,
+/// which a sink writes when a name repeats. Every one is kept, in order.
+fn headers_in<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(String, String)>, D::Error> {
+    struct Headers;
+    impl<'de> serde::de::Visitor<'de> for Headers {
+        type Value = Vec<(String, String)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object of strings, or a list of [name, value] pairs")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut headers = Vec::new();
+            while let Some(pair) = map.next_entry()? {
+                headers.push(pair);
+            }
+            Ok(headers)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut headers = Vec::new();
+            while let Some(pair) = seq.next_element()? {
+                headers.push(pair);
+            }
+            Ok(headers)
+        }
+    }
+    d.deserialize_any(Headers)
 }
 
 /// `payload: null` is the JSON value null, which a sink writes for a
@@ -65,8 +100,16 @@ struct LineOut<'a> {
     base64: Option<String>,
 }
 
+/// An object, unless a name repeats: JSON readers keep one value per name,
+/// so then `[name, value]` pairs, which read back whole.
 fn as_map<S: serde::Serializer>(headers: &&Vec<(String, String)>, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_map(headers.iter().map(|(k, v)| (k, v)))
+    let mut names: Vec<&str> = headers.iter().map(|(k, _)| k.as_str()).collect();
+    names.sort_unstable();
+    if names.windows(2).any(|w| w[0] == w[1]) {
+        s.collect_seq(headers.iter().map(|(k, v)| [k, v]))
+    } else {
+        s.collect_map(headers.iter().map(|(k, v)| (k, v)))
+    }
 }
 
 /// Reads one line of `format` into a record. The error says what is wrong
@@ -97,7 +140,7 @@ fn decode_record(line: &str) -> Result<Record, String> {
         key: parsed.key,
         topic: parsed.topic,
         timestamp: parsed.timestamp,
-        headers: parsed.headers.into_iter().collect(),
+        headers: parsed.headers,
     })
 }
 
@@ -192,6 +235,40 @@ mod tests {
             "give only one of `payload`, `text` and `base64`"
         );
         assert!(err(r#"{"base64": "!!"}"#).starts_with("field `base64` is not valid base64"));
+    }
+
+    #[test]
+    fn repeated_header_names_read_back_whole_and_in_order() {
+        let mut record = Record::new(b"x".to_vec());
+        record.headers = vec![
+            ("a".into(), "1".into()),
+            ("b".into(), "2".into()),
+            ("a".into(), "3".into()),
+        ];
+        let mut line = Vec::new();
+        encode_line(&record, LineFormat::Record, &mut line);
+        assert!(
+            String::from_utf8_lossy(&line).contains(r#""headers":[["a","1"],["b","2"],["a","3"]]"#),
+            "{}",
+            String::from_utf8_lossy(&line)
+        );
+        assert_eq!(round_trip(&record), record);
+        let object = decode_line(
+            r#"{"text":"x","headers":{"z":"1","a":"2"}}"#,
+            LineFormat::Record,
+        )
+        .expect("object headers");
+        assert_eq!(
+            object.headers,
+            [("z".to_string(), "1".to_string()), ("a".into(), "2".into())]
+        );
+    }
+
+    #[test]
+    fn a_line_that_is_no_object_says_what_a_record_is() {
+        let err = decode_line(r#""just a string""#, LineFormat::Record).expect_err("a string");
+        assert!(err.contains("expected a record object, such as"), "{err}");
+        assert!(!err.contains("LineIn"), "{err}");
     }
 
     #[test]

@@ -114,6 +114,11 @@ impl LinesSource {
         if raw.last() == Some(&b'\r') {
             raw.pop();
         }
+        // Editors on Windows start a UTF-8 file with a byte order mark; it
+        // is no part of the first record.
+        if self.line_no == 1 && raw.starts_with(b"\xef\xbb\xbf") {
+            raw.drain(..3);
+        }
         if raw.iter().all(u8::is_ascii_whitespace) {
             return;
         }
@@ -211,6 +216,19 @@ mod tests {
         let second = src.next_batch(3).await.expect("reads").expect("batch");
         assert_eq!(second.records[0].payload, b"d");
         assert!(src.next_batch(3).await.expect("reads").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_byte_order_mark_is_no_part_of_the_first_record() {
+        let mut src = source(
+            "\u{feff}{\"text\":\"a\"}\n\u{feff}{\"text\":\"b\"}\n",
+            LineFormat::Record,
+        );
+        let batch = src.next_batch(10).await.expect("reads").expect("batch");
+        assert_eq!(batch.records.len(), 1, "{:?}", batch.unreadable);
+        assert_eq!(batch.records[0].payload, b"a");
+        // Only the file's start holds one; elsewhere it is the line's own.
+        assert_eq!(batch.unreadable.len(), 1);
     }
 
     #[tokio::test]
