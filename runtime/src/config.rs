@@ -412,7 +412,14 @@ impl Pipeline {
             let at = |key: &str, message: String| {
                 self.error_at(self.span_of(key), format!("source: {message}"))
             };
-            pick_connection(mqtt, connection.as_deref()).map_err(|m| at("type", m))?;
+            pick_connection(mqtt, connection.as_deref()).map_err(|m| {
+                let key = if connection.is_some() {
+                    "connection"
+                } else {
+                    "type"
+                };
+                self.error_at(self.span_in("source", key), format!("source: {m}"))
+            })?;
             if topics.is_empty() || topics.iter().any(|t| t.is_empty()) {
                 return Err(at(
                     "topics",
@@ -446,7 +453,14 @@ impl Pipeline {
             let at = |message: String| {
                 self.error_at(self.span_in(role, "topic"), format!("{role}: {message}"))
             };
-            pick_connection(mqtt, connection.as_deref()).map_err(&at)?;
+            pick_connection(mqtt, connection.as_deref()).map_err(|m| {
+                let key = if connection.is_some() {
+                    "connection"
+                } else {
+                    "type"
+                };
+                self.error_at(self.span_in(role, key), format!("{role}: {m}"))
+            })?;
             if role == "dead_letter" && topic.is_none() {
                 // The default, each record's own topic, would send a dead
                 // letter back where its input came from.
@@ -523,22 +537,32 @@ fn parse_message(err: &toml::de::Error) -> String {
         .to_string()
 }
 
-/// An unknown key in a table whose `type` picks its fields (`[source]`,
-/// `[sink]`, `[dead_letter]`) is reported by serde at the table's header;
-/// point at the key's own line instead, as for any other table.
+/// An unknown key, or a value no variant takes, in a table whose `type`
+/// picks its fields (`[source]`, `[sink]`, `[dead_letter]`) is reported by
+/// serde at the table's header; point at the key or the value instead, as
+/// for any other table.
 fn unknown_key_at_its_line(text: &str, err: &toml::de::Error) -> Option<String> {
-    let key = err
-        .message()
-        .strip_prefix("unknown field `")?
-        .split('`')
-        .next()?;
     let header = err.span()?;
     if !text.get(header.clone())?.starts_with('[') {
         return None;
     }
     let body = table_body(text, header.end);
-    let at = body.start + find_key(&text[body], key)?;
-    Some(snippet(text, at..at + key.len(), err.message()))
+    let named = |prefix: &str| {
+        err.message()
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split('`').next())
+    };
+    let span = if let Some(key) = named("unknown field `") {
+        let at = body.start + find_key(&text[body], key)?;
+        at..at + key.len()
+    } else if let Some(value) = named("unknown variant `") {
+        let quoted = format!("\"{value}\"");
+        let at = body.start + text[body].find(&quoted)?;
+        at..at + quoted.len()
+    } else {
+        return None;
+    };
+    Some(snippet(text, span, err.message()))
 }
 
 /// The file's line at `span`, marked, then `message`: the layout toml's own
