@@ -188,7 +188,18 @@ impl TopicTemplate {
             .as_deref()
             .filter(|v| !v.is_empty())
             .or(fill)
-            .ok_or_else(|| format!("the record has no {name} for topic `{}`", self.text))
+            .ok_or_else(|| {
+                let lacks = match value {
+                    Some(_) => format!("the record's {name} is empty"),
+                    None => format!("the record has no {name}"),
+                };
+                if self.text == "{topic}" {
+                    // The sink's default: the user wrote no template.
+                    format!("{lacks}, and the sink sets no topic of its own (topic = \"...\")")
+                } else {
+                    format!("{lacks} for topic `{}`", self.text)
+                }
+            })
     }
 }
 
@@ -278,6 +289,12 @@ mod tests {
             Err("the record has no key for topic `alerts/{key}`".to_string())
         );
         assert_eq!(t.render_filling(&r, Some("_")).expect("topic"), "alerts/_");
+        let own = TopicTemplate::parse("{topic}").expect("the default");
+        r.topic = Some(String::new());
+        assert_eq!(
+            own.render(&r),
+            Err("the record's topic is empty, and the sink sets no topic of its own (topic = \"...\")".to_string())
+        );
         assert!(TopicTemplate::parse("alerts/+").is_err());
         assert!(TopicTemplate::parse("alerts/{device}").is_err());
     }
