@@ -235,7 +235,13 @@ fn sqs(event: SqsEvent) -> Decoded {
             let mut headers: Vec<(String, String)> = message
                 .message_attributes
                 .into_iter()
-                .filter_map(|(name, value)| value.string_value.map(|v| (name, v)))
+                .filter_map(|(name, value)| {
+                    // A header is text: a binary attribute comes as base64.
+                    let binary = value
+                        .binary_value
+                        .map(|b| base64::engine::general_purpose::STANDARD.encode(b.0));
+                    value.string_value.or(binary).map(|v| (name, v))
+                })
                 .collect();
             headers.sort();
             record.headers = headers;
@@ -341,14 +347,26 @@ fn kafka(event: KafkaEvent, times: &Times) -> anyhow::Result<Decoded> {
 
 fn http(event: Value) -> anyhow::Result<Decoded> {
     // A REST API sends version 1 (httpMethod); HTTP APIs and function URLs send 2.0.
-    let (body, base64, path) = if event.get("httpMethod").is_some() {
+    let (body, base64, path, headers) = if event.get("httpMethod").is_some() {
         let request: ApiGatewayProxyRequest = serde_json::from_value(event)
             .context("the event is not a valid API Gateway (REST) request")?;
-        (request.body, request.is_base64_encoded, request.path)
+        let headers = request_headers(&request.headers, &request.query_string_parameters);
+        (
+            request.body,
+            request.is_base64_encoded,
+            request.path,
+            headers,
+        )
     } else {
         let request: ApiGatewayV2httpRequest = serde_json::from_value(event)
             .context("the event is not a valid API Gateway HTTP API or function URL request")?;
-        (request.body, request.is_base64_encoded, request.raw_path)
+        let headers = request_headers(&request.headers, &request.query_string_parameters);
+        (
+            request.body,
+            request.is_base64_encoded,
+            request.raw_path,
+            headers,
+        )
     };
     let body = body.unwrap_or_default();
     let payload = if base64 {
@@ -361,7 +379,30 @@ fn http(event: Value) -> anyhow::Result<Decoded> {
     let mut record = Record::new(payload);
     record.topic = path;
     record.timestamp = Some(now_ms());
+    record.headers = headers;
     Ok((vec![record], vec!["request".into()]))
+}
+
+/// A request's headers (names in lower case, as HTTP/2 and API Gateway's
+/// version 2 give them) and its query parameters as `query.NAME`, so a
+/// device id sent either way reaches the stage. A header that is not text is
+/// left out.
+fn request_headers(
+    headers: &aws_lambda_events::http::HeaderMap,
+    query: &aws_lambda_events::query_map::QueryMap,
+) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = headers
+        .iter()
+        .filter_map(|(name, value)| {
+            Some((name.as_str().to_string(), value.to_str().ok()?.to_string()))
+        })
+        .collect();
+    out.extend(
+        query
+            .iter()
+            .map(|(name, value)| (format!("query.{name}"), value.to_string())),
+    );
+    out
 }
 
 fn raw(event: Value) -> Decoded {
@@ -613,6 +654,44 @@ mod tests {
             ]
         );
         assert_eq!(ids, ["t-0@1", "t-0@2", "t-1@7"]);
+    }
+
+    #[test]
+    fn request_headers_and_query_parameters_reach_the_stage() {
+        let mut event: Value =
+            serde_json::from_str(include_str!("../../tests/lambda-events/function-url.json"))
+                .expect("sample event");
+        event["headers"]["X-Device-Id"] = "dev-7".into();
+        event["queryStringParameters"] = json!({"site": "plant-a"});
+        let (records, _) = decode(EventShape::Http, event).expect("request");
+        let headers = &records[0].headers;
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("x-device-id"), Some("dev-7"), "{headers:?}");
+        assert_eq!(get("content-type"), Some("text/csv"));
+        assert_eq!(get("query.site"), Some("plant-a"));
+        assert_eq!(records[0].topic.as_deref(), Some("/readings"));
+    }
+
+    #[test]
+    fn sqs_attributes_become_headers_binary_ones_as_base64() {
+        let mut event: Value =
+            serde_json::from_str(include_str!("../../tests/lambda-events/sqs.json"))
+                .expect("sample event");
+        event["Records"][0]["messageAttributes"]["sig"] =
+            json!({"binaryValue": "AQID", "dataType": "Binary"});
+        let (records, _) = decode(EventShape::Sqs, event).expect("sqs");
+        assert_eq!(
+            records[0].headers,
+            [
+                ("sig".to_string(), "AQID".to_string()),
+                ("site".into(), "plant-a".into())
+            ]
+        );
     }
 
     #[test]
