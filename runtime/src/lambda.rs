@@ -192,8 +192,9 @@ fn decode(shape: EventShape, event: Value) -> anyhow::Result<Decoded> {
                 "Records",
                 &["kinesis", "approximateArrivalTimestamp"],
                 1000.0,
-            );
-            let arrivals = arrivals.into_values().next().unwrap_or_default();
+            )
+            .remove("")
+            .unwrap_or_default();
             kinesis(
                 serde_json::from_value(event).with_context(|| not("Kinesis"))?,
                 &arrivals,
