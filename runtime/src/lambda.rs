@@ -13,6 +13,7 @@ use aws_lambda_events::event::sqs::SqsEvent;
 use base64::Engine as _;
 use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
@@ -77,11 +78,11 @@ pub async fn serve(pipeline_path: &std::path::Path, options: &RunOptions) -> any
         "ready for invocations"
     );
     let runner = Arc::new(Mutex::new(runner));
-    let handler = service_fn(move |event: LambdaEvent<Value>| {
+    let handler = service_fn(move |event: LambdaEvent<Box<RawValue>>| {
         let runner = runner.clone();
         async move {
             let mut runner = runner.lock().await;
-            invoke(&mut runner, shape, event.payload)
+            invoke(&mut runner, shape, &event.payload)
                 .await
                 .map_err(Diagnostic::from)
         }
@@ -122,13 +123,13 @@ impl From<InvokeError> for Diagnostic {
 async fn invoke(
     runner: &mut Runner,
     shape: EventShape,
-    event: Value,
+    event: &RawValue,
 ) -> Result<Value, InvokeError> {
     let shape = match shape {
-        EventShape::Auto => detect(&event),
+        EventShape::Auto => detect(event.get()),
         shape => shape,
     };
-    let (records, ids) = match decode(shape, event) {
+    let (records, ids) = match decode_text(shape, event.get()) {
         Ok(decoded) => decoded,
         // The caller of an HTTP endpoint gets the reason, as a client error.
         Err(err) if shape == EventShape::Http => {
@@ -152,26 +153,65 @@ async fn invoke(
     answer(shape, &ids, processed).map_err(InvokeError::BatchFailed)
 }
 
-/// The shape of an event, from the fields each kind has.
-pub fn detect(event: &Value) -> EventShape {
-    let source = event["Records"][0]["eventSource"]
-        .as_str()
-        .or_else(|| event["Records"][0]["EventSource"].as_str());
-    match source {
+/// The fields that tell event shapes apart, left unparsed, so telling the
+/// shape costs a scan of the event and not a copy of it.
+#[derive(Deserialize)]
+struct Probe<'a> {
+    #[serde(rename = "Records", borrow, default)]
+    records: Option<&'a RawValue>,
+    #[serde(rename = "eventSource", borrow, default)]
+    event_source: Option<&'a RawValue>,
+    #[serde(rename = "records", borrow, default)]
+    kafka_records: Option<&'a RawValue>,
+    #[serde(rename = "requestContext", borrow, default)]
+    request_context: Option<&'a RawValue>,
+    #[serde(rename = "httpMethod", borrow, default)]
+    http_method: Option<&'a RawValue>,
+    #[serde(rename = "routeKey", borrow, default)]
+    route_key: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct RecordProbe<'a> {
+    #[serde(rename = "eventSource", borrow, default)]
+    lower: Option<&'a RawValue>,
+    #[serde(rename = "EventSource", borrow, default)]
+    upper: Option<&'a RawValue>,
+}
+
+/// A JSON string's value; `None` for any other JSON.
+fn text_of(raw: Option<&RawValue>) -> Option<String> {
+    raw.and_then(|r| serde_json::from_str(r.get()).ok())
+}
+
+/// The shape of an event (its JSON text), from the fields each kind has.
+/// Anything but an object is a raw event.
+pub fn detect(event: &str) -> EventShape {
+    let Ok(probe) = serde_json::from_str::<Probe<'_>>(event) else {
+        return EventShape::Raw;
+    };
+    let first = probe
+        .records
+        .and_then(|r| serde_json::from_str::<Vec<&RawValue>>(r.get()).ok())
+        .and_then(|records| records.first().copied())
+        .and_then(|r| serde_json::from_str::<RecordProbe<'_>>(r.get()).ok());
+    let source = first.and_then(|r| text_of(r.lower).or_else(|| text_of(r.upper)));
+    match source.as_deref() {
         Some("aws:sqs") => return EventShape::Sqs,
         Some("aws:kinesis") => return EventShape::Kinesis,
         _ => {}
     }
     if matches!(
-        event["eventSource"].as_str(),
+        text_of(probe.event_source).as_deref(),
         Some("aws:kafka" | "SelfManagedKafka")
-    ) && event["records"].is_object()
+    ) && probe
+        .kafka_records
+        .is_some_and(|r| r.get().starts_with('{'))
     {
         return EventShape::Kafka;
     }
-    let http = event.get("requestContext").is_some()
-        && (event.get("httpMethod").is_some() || event.get("routeKey").is_some());
-    if http {
+    if probe.request_context.is_some() && (probe.http_method.is_some() || probe.route_key.is_some())
+    {
         return EventShape::Http;
     }
     EventShape::Raw
@@ -181,8 +221,25 @@ pub fn detect(event: &Value) -> EventShape {
 /// sequence number), for partial batch failures.
 type Decoded = (Vec<Record>, Vec<String>);
 
+/// [`decode`] from the event's text. An SQS batch, the commonest and
+/// largest, goes straight to its type without a `Value` in between.
+fn decode_text(shape: EventShape, event: &str) -> anyhow::Result<Decoded> {
+    if shape == EventShape::Sqs {
+        let event = serde_json::from_str(event).context(not_valid("SQS"))?;
+        return Ok(sqs(event));
+    }
+    decode(
+        shape,
+        serde_json::from_str(event).context("the event is not JSON")?,
+    )
+}
+
+fn not_valid(kind: &str) -> String {
+    format!("the event is not a valid {kind} event")
+}
+
 fn decode(shape: EventShape, event: Value) -> anyhow::Result<Decoded> {
-    let not = |kind: &str| format!("the event is not a valid {kind} event");
+    let not = not_valid;
     Ok(match shape {
         EventShape::Sqs => sqs(serde_json::from_value(event).with_context(|| not("SQS"))?),
         EventShape::Kinesis => {
@@ -584,22 +641,43 @@ mod tests {
     #[test]
     fn shapes_are_told_apart() {
         assert_eq!(
-            detect(&json!({"Records": [{"eventSource": "aws:sqs", "body": "x"}]})),
+            detect(&json!({"Records": [{"eventSource": "aws:sqs", "body": "x"}]}).to_string()),
             EventShape::Sqs
         );
         assert_eq!(
-            detect(&json!({"Records": [{"eventSource": "aws:kinesis"}]})),
+            detect(&json!({"Records": [{"eventSource": "aws:kinesis"}]}).to_string()),
             EventShape::Kinesis
         );
         assert_eq!(
-            detect(&json!({"eventSource": "aws:kafka", "records": {}})),
+            detect(&json!({"eventSource": "aws:kafka", "records": {}}).to_string()),
             EventShape::Kafka
         );
         assert_eq!(
-            detect(&json!({"version": "2.0", "routeKey": "$default", "requestContext": {}})),
+            detect(
+                &json!({"version": "2.0", "routeKey": "$default", "requestContext": {}})
+                    .to_string()
+            ),
             EventShape::Http
         );
-        assert_eq!(detect(&json!({"device": "dev-1"})), EventShape::Raw);
+        assert_eq!(
+            detect(&json!({"device": "dev-1"}).to_string()),
+            EventShape::Raw
+        );
+        // Whatever else a raw event holds, it is a raw event.
+        for other in [
+            "[1, 2]",
+            "\"text\"",
+            r#"{"Records": 5, "eventSource": 7, "requestContext": null}"#,
+            r#"{"Records": [], "records": {}}"#,
+            r#"{"Records": [{"EventSource": "aws:sqs"}]}"#,
+        ] {
+            let expected = if other.contains("EventSource") {
+                EventShape::Sqs
+            } else {
+                EventShape::Raw
+            };
+            assert_eq!(detect(other), expected, "{other}");
+        }
     }
 
     #[test]
