@@ -232,6 +232,14 @@ fn check(path: PathBuf) -> ExitCode {
     for warning in pipeline.warnings() {
         say!("runnel: warning: {warning}");
     }
+    // What `run` would fail on at once, for a service that would else
+    // restart over it: files it cannot write.
+    for path in runnel::run::output_files(&pipeline) {
+        if let Err(reason) = runnel::run::check_writable(&path) {
+            say!("runnel: {}: {reason}", pipeline.path.display());
+            return ExitCode::from(EXIT_FAILED);
+        }
+    }
     let engine = match engine_for(&pipeline, &RunOptions::default()) {
         Ok(engine) => engine,
         Err(err) => {

@@ -27,6 +27,42 @@ pub struct RunOptions {
     pub no_cache: bool,
 }
 
+/// The files a run of `pipeline` appends to: its file sink and its dead
+/// letter (a file unless the pipeline says otherwise).
+pub fn output_files(pipeline: &Pipeline) -> Vec<std::path::PathBuf> {
+    let default_dead = SinkConfig::File {
+        path: DEFAULT_DEAD_LETTER.into(),
+        format: None,
+    };
+    let dead = pipeline.file.dead_letter.as_ref().unwrap_or(&default_dead);
+    [&pipeline.file.sink, dead]
+        .into_iter()
+        .filter_map(|sink| match sink {
+            SinkConfig::File { path, .. } => Some(pipeline.resolve(path)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether this process may append to `path`, as a run would (creating
+/// its folder and the file). A file made only to find out is removed.
+pub fn check_writable(path: &std::path::Path) -> Result<(), String> {
+    let fail = |what: &str, err: std::io::Error| format!("cannot {what} {}: {err}", path.display());
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| fail("create the folder of", e))?;
+    }
+    let existed = path.exists();
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| fail("open for writing", e))?;
+    if !existed {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
 /// What a run did. `inputs == emitted + filtered + dead_lettered` always.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Summary {

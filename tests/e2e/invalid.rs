@@ -98,3 +98,46 @@ fn a_closed_stderr_leaves_the_exit_code_alone() {
     let status = child.wait().expect("wait for runnel");
     assert_eq!(status.code(), Some(2), "exit 101 is a panic");
 }
+
+/// A dead letter `run` could not write fails `check` too, so an install
+/// finds out before a service restarts over it; `check` leaves no file.
+#[test]
+fn check_fails_on_an_output_file_it_cannot_write() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("in.jsonl"), "").expect("input");
+    std::fs::write(dir.path().join("blocker"), "a file, not a folder").expect("blocker");
+    let pipeline = |dead: &str| {
+        format!(
+            "[source]\ntype = \"file\"\npath = \"in.jsonl\"\n[sink]\ntype = \"stdout\"\n\
+             [dead_letter]\ntype = \"file\"\npath = \"{dead}\"\n"
+        )
+    };
+    std::fs::write(dir.path().join("bad.toml"), pipeline("blocker/dead.jsonl")).expect("write");
+    let run = run_binary_with(
+        Path::new(BIN),
+        dir.path(),
+        &["check", "bad.toml"],
+        b"",
+        QUIET,
+    );
+    assert_eq!(run.status, Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("bad.toml: cannot create the folder of blocker/dead.jsonl"),
+        "{}",
+        run.stderr
+    );
+    std::fs::write(dir.path().join("good.toml"), pipeline("dl/dead.jsonl")).expect("write");
+    let run = run_binary_with(
+        Path::new(BIN),
+        dir.path(),
+        &["check", "good.toml"],
+        b"",
+        QUIET,
+    );
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert!(
+        !dir.path().join("dl/dead.jsonl").exists(),
+        "check left its probe"
+    );
+}
