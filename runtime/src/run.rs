@@ -221,6 +221,11 @@ pub async fn run(
         .run_loop(source.as_mut(), batch_size, timer, shutdown)
         .await;
     let closed = runner.close().await;
+    if result.is_err() || closed.is_err() {
+        // The error ends the run; what it got through before is worth
+        // knowing, as an input read again may lead to outputs sent again.
+        tracing::warn!("stopped by an error after: {}", runner.summary);
+    }
     result?;
     closed?;
     Ok(runner.summary)

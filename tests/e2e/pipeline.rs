@@ -414,6 +414,22 @@ fn sigterm_drains_what_was_read_and_exits_cleanly() {
 /// A tiny HTTP server: answers 503 to the first request (a passing outage),
 /// 400 to payloads holding "refuse", and 200 to the rest, recording bodies.
 fn http_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    http_server_with(|requests, body| {
+        if requests == 1 {
+            ("503 Service Unavailable", "busy")
+        } else if body.contains("refuse") {
+            ("400 Bad Request", "refused by the test server")
+        } else {
+            ("200 OK", "ok")
+        }
+    })
+}
+
+/// A tiny HTTP server whose answer to request number `n` (from 1) with a
+/// body is `answer(n, body)`; it records the bodies it answers 200.
+fn http_server_with(
+    answer: impl Fn(usize, &str) -> (&'static str, &'static str) + Send + 'static,
+) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
@@ -450,16 +466,12 @@ fn http_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
                 }
                 requests += 1;
                 let body = String::from_utf8_lossy(&body).into_owned();
-                let (status, text) = if requests == 1 {
-                    ("503 Service Unavailable", "busy")
-                } else if body.contains("refuse") {
-                    ("400 Bad Request", "refused by the test server")
-                } else {
+                let (status, text) = answer(requests, &body);
+                if status.starts_with("200") {
                     if let Ok(mut seen) = seen.lock() {
                         seen.push(body);
                     }
-                    ("200 OK", "ok")
-                };
+                }
                 let answer = format!(
                     "HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n{text}",
                     text.len()
@@ -520,4 +532,40 @@ path = "dead.jsonl"
     );
     let n = summary_numbers(run.summary());
     assert_eq!(&n[..4], &[3, 2, 0, 1], "{}", run.summary());
+}
+
+/// A refusal said in the log at once, and the run's figures so far, when a
+/// later output stops the run before the refusal's dead letter is written.
+#[test]
+fn an_http_sink_that_gives_up_says_what_it_refused_and_what_went_through() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (port, bodies) = http_server_with(|_, body| {
+        if body.contains("refuse") {
+            ("400 Bad Request", "refused by the test server")
+        } else if body.contains("down") {
+            ("503 Service Unavailable", "down for good")
+        } else {
+            ("200 OK", "ok")
+        }
+    });
+    std::fs::write(dir.path().join("in.txt"), "{\"n\":1}\nrefuse me\ndown\n").expect("input");
+    let pipeline = format!(
+        "[source]\ntype = \"file\"\npath = \"in.txt\"\n\
+         [[stage]]\nname = \"faults\"\nwasm = {:?}\n\
+         [sink]\ntype = \"http\"\nurl = \"http://127.0.0.1:{port}/ingest\"\n\
+         [dead_letter]\ntype = \"file\"\npath = \"dead.jsonl\"\n",
+        stage("faults").display().to_string()
+    );
+    std::fs::write(dir.path().join("p.toml"), pipeline).expect("pipeline");
+    let run = run_binary(Path::new(BIN), dir.path(), &["run", "p.toml"], b"");
+    assert_eq!(run.status, Some(1), "{}", run.stderr);
+    let got = bodies.lock().map(|b| b.clone()).unwrap_or_default();
+    assert_eq!(got, ["{\"n\":1}"], "{}", run.stderr);
+    for said in [
+        "refused: 400 Bad Request: refused by the test server",
+        "503 Service Unavailable: down for good (after 5 tries); 1 output(s) it refused before are not dead-lettered",
+        "stopped by an error after: 3 in",
+    ] {
+        assert!(run.stderr.contains(said), "{said}\n{}", run.stderr);
+    }
 }

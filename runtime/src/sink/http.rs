@@ -117,6 +117,9 @@ impl Sink for HttpSink {
                 match self.post(record).await {
                     Ok(None) => break,
                     Ok(Some(reason)) => {
+                        // Said now: should a later output stop the run, the
+                        // dead letter for this one is never written.
+                        tracing::warn!(url = %self.url, output = index, "refused: {reason}");
                         rejected.push(Rejected { index, reason });
                         break;
                     }
@@ -127,10 +130,17 @@ impl Sink for HttpSink {
                         attempt += 1;
                     }
                     Err(reason) => {
+                        let refused = match rejected.len() {
+                            0 => String::new(),
+                            n => format!(
+                                "; {n} output(s) it refused before are not dead-lettered, \
+                                 their inputs stay unacknowledged"
+                            ),
+                        };
                         return Err(SinkError::Http {
                             url: self.url.to_string(),
-                            reason: format!("{reason} (after {ATTEMPTS} tries)"),
-                        })
+                            reason: format!("{reason} (after {ATTEMPTS} tries){refused}"),
+                        });
                     }
                 }
             }
