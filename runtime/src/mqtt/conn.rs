@@ -63,6 +63,7 @@ pub struct Connection {
     name: String,
     url: String,
     max_packet: usize,
+    closing: Arc<AtomicBool>,
     client: LinkClient,
     commands: mpsc::UnboundedSender<Command>,
     inbound: Mutex<Option<mpsc::UnboundedReceiver<Inbound>>>,
@@ -112,7 +113,9 @@ impl Connection {
         let (fatal_tx, fatal) = watch::channel(None);
         let generation = Arc::new(Mutex::new(0u64));
         let gauges = Arc::new(Gauges::default());
+        let closing = Arc::new(AtomicBool::new(false));
         let poller = Poller {
+            closing: closing.clone(),
             name: name.clone(),
             url: url.clone(),
             link,
@@ -149,6 +152,7 @@ impl Connection {
             name,
             url,
             max_packet: limits.max_packet,
+            closing,
             client,
             commands,
             inbound: Mutex::new(Some(inbound_rx)),
@@ -254,6 +258,8 @@ impl Connection {
     }
 
     pub async fn disconnect(&self) {
+        // The drop that follows is asked for: not a fault to log and retry.
+        self.closing.store(true, Ordering::Relaxed);
         self.client.disconnect().await;
     }
 }
@@ -268,6 +274,8 @@ struct Poller {
     generation: Arc<Mutex<u64>>,
     subscription: Option<Subscription>,
     fatal: watch::Sender<Option<String>>,
+    /// Set once runnel itself disconnects.
+    closing: Arc<AtomicBool>,
 }
 
 impl Poller {
@@ -328,6 +336,10 @@ impl Poller {
                         }
                     }
                     self.take_back_requests();
+                    if self.closing.load(Ordering::Relaxed) {
+                        tracing::debug!(connection = %self.name, "disconnected: {}", err.message);
+                        return;
+                    }
                     let reason =
                         format!("connection `{}` ({}): {}", self.name, self.url, err.message);
                     if err.fatal {
