@@ -44,23 +44,38 @@ pub fn output_files(pipeline: &Pipeline) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
-/// Whether this process may append to `path`, as a run would (creating
-/// its folder and the file). A file made only to find out is removed.
+/// Whether this process may append to `path`, as a run would (making its
+/// folder and the file). What is made only to find out is removed again.
 pub fn check_writable(path: &std::path::Path) -> Result<(), String> {
     let fail = |what: &str, err: std::io::Error| format!("cannot {what} {}: {err}", path.display());
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| fail("create the folder of", e))?;
-    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    // The folders a run would make, deepest first.
+    let missing: Vec<&std::path::Path> = dir
+        .map(|d| {
+            d.ancestors()
+                .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+                .collect()
+        })
+        .unwrap_or_default();
     let existed = path.exists();
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| fail("open for writing", e))?;
+    let tried = dir
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .map_err(|e| fail("create the folder of", e))
+        .and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map(drop)
+                .map_err(|e| fail("open for writing", e))
+        });
     if !existed {
         let _ = std::fs::remove_file(path);
     }
-    Ok(())
+    for folder in missing {
+        let _ = std::fs::remove_dir(folder);
+    }
+    tried
 }
 
 /// What a run did. `inputs == emitted + filtered + dead_lettered` always.
