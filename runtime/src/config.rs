@@ -413,12 +413,10 @@ impl Pipeline {
                 self.error_at(self.span_of(key), format!("source: {message}"))
             };
             pick_connection(mqtt, connection.as_deref()).map_err(|m| {
-                let key = if connection.is_some() {
-                    "connection"
-                } else {
-                    "type"
-                };
-                self.error_at(self.span_in("source", key), format!("source: {m}"))
+                self.error_at(
+                    self.connection_span("source", connection.is_some()),
+                    format!("source: {m}"),
+                )
             })?;
             if topics.is_empty() || topics.iter().any(|t| t.is_empty()) {
                 return Err(at(
@@ -454,12 +452,10 @@ impl Pipeline {
                 self.error_at(self.span_in(role, "topic"), format!("{role}: {message}"))
             };
             pick_connection(mqtt, connection.as_deref()).map_err(|m| {
-                let key = if connection.is_some() {
-                    "connection"
-                } else {
-                    "type"
-                };
-                self.error_at(self.span_in(role, key), format!("{role}: {m}"))
+                self.error_at(
+                    self.connection_span(role, connection.is_some()),
+                    format!("{role}: {m}"),
+                )
             })?;
             if role == "dead_letter" && topic.is_none() {
                 // The default, each record's own topic, would send a dead
@@ -480,6 +476,11 @@ impl Pipeline {
     /// has no span of its own; the start of the file when absent.
     fn span_of(&self, key: &str) -> std::ops::Range<usize> {
         find_key(&self.source_text, key).map_or(0..0, |i| i..i + key.len())
+    }
+
+    /// Where a table names its connection, or its `type` when it names none.
+    fn connection_span(&self, table: &str, named: bool) -> std::ops::Range<usize> {
+        self.span_in(table, if named { "connection" } else { "type" })
     }
 
     /// Where `key` is set in the `[table]` table; the file's start if nowhere.

@@ -27,15 +27,23 @@ pub struct RunOptions {
     pub no_cache: bool,
 }
 
+/// Where a pipeline's dead letters go: its `[dead_letter]`, or the default
+/// file beside it.
+fn dead_letter_sink(pipeline: &Pipeline) -> std::borrow::Cow<'_, SinkConfig> {
+    match &pipeline.file.dead_letter {
+        Some(sink) => std::borrow::Cow::Borrowed(sink),
+        None => std::borrow::Cow::Owned(SinkConfig::File {
+            path: DEFAULT_DEAD_LETTER.into(),
+            format: None,
+        }),
+    }
+}
+
 /// The files a run of `pipeline` appends to: its file sink and its dead
 /// letter (a file unless the pipeline says otherwise).
 pub fn output_files(pipeline: &Pipeline) -> Vec<std::path::PathBuf> {
-    let default_dead = SinkConfig::File {
-        path: DEFAULT_DEAD_LETTER.into(),
-        format: None,
-    };
-    let dead = pipeline.file.dead_letter.as_ref().unwrap_or(&default_dead);
-    [&pipeline.file.sink, dead]
+    let dead = dead_letter_sink(pipeline);
+    [&pipeline.file.sink, dead.as_ref()]
         .into_iter()
         .filter_map(|sink| match sink {
             SinkConfig::File { path, .. } => Some(pipeline.resolve(path)),
@@ -339,15 +347,7 @@ impl Runner {
             .sink
             .open(base, SinkRole::Outputs, &connections)
             .await?;
-        let default_dead = SinkConfig::File {
-            path: DEFAULT_DEAD_LETTER.into(),
-            format: None,
-        };
-        let dead_sink = pipeline
-            .file
-            .dead_letter
-            .as_ref()
-            .unwrap_or(&default_dead)
+        let dead_sink = dead_letter_sink(pipeline)
             .open(base, SinkRole::DeadLetters, &connections)
             .await?;
         Ok(Runner {

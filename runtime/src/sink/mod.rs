@@ -20,7 +20,7 @@ pub use lines::LinesSink;
 pub use mqtt::MqttSink;
 
 /// The `[sink]` table.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum SinkConfig {
     /// JSON lines on standard output.
