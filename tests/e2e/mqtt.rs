@@ -76,6 +76,34 @@ qos = 1
     std::fs::write(dir.join("p.toml"), text).expect("write pipeline");
 }
 
+/// A pipeline from one MQTT connection (`connection`, its table's lines)
+/// subscribed to `topics`, through the `faults` stage, to `out.jsonl`, dead
+/// letters to `dead.jsonl`.
+fn file_pipeline(dir: &Path, connection: &str, topics: &[&str]) {
+    let topics: Vec<String> = topics.iter().map(|t| format!("{t:?}")).collect();
+    let text = format!(
+        r#"
+[mqtt.local]
+{connection}
+[source]
+type = "mqtt"
+topics = [{}]
+[[stage]]
+name = "faults"
+wasm = {:?}
+[sink]
+type = "file"
+path = "out.jsonl"
+[dead_letter]
+type = "file"
+path = "dead.jsonl"
+"#,
+        topics.join(", "),
+        stage("faults").display().to_string()
+    );
+    std::fs::write(dir.join("p.toml"), text).expect("write pipeline");
+}
+
 fn start(dir: &Path) -> Background {
     let mut runnel = Background::start(Path::new(BIN), dir, &["run", "p.toml"], &[]);
     runnel.wait_for_log("subscribed", STARTUP);
@@ -164,25 +192,11 @@ fn the_embedded_broker_carries_a_pipeline_end_to_end() {
 fn mqtt5_user_properties_become_headers() {
     let dir = tempfile::tempdir().expect("temp dir");
     let broker = Mosquitto::start(&dir.path().join("broker"), free_port());
-    let text = format!(
-        r#"
-[mqtt.local]
-broker = "{}"
-protocol = "5"
-[source]
-type = "mqtt"
-topics = ["sensors/#"]
-[[stage]]
-name = "faults"
-wasm = {:?}
-[sink]
-type = "file"
-path = "out.jsonl"
-"#,
-        broker.url(),
-        stage("faults").display().to_string()
+    file_pipeline(
+        dir.path(),
+        &format!("broker = \"{}\"\nprotocol = \"5\"", broker.url()),
+        &["sensors/#"],
     );
-    std::fs::write(dir.path().join("p.toml"), text).expect("write pipeline");
     let runnel = start(dir.path());
     let status = std::process::Command::new("mosquitto_pub")
         .args(["-V", "5", "-p", &broker.port.to_string(), "-q", "1"])
@@ -320,31 +334,9 @@ fn a_subscription_left_by_an_earlier_run_is_not_taken_for_input() {
     let dir = tempfile::tempdir().expect("temp dir");
     let broker = Mosquitto::start(&dir.path().join("broker"), free_port());
     let client = persistent(&broker.url());
-    let write = |topics: &str| {
-        let text = format!(
-            r#"
-[mqtt.local]
-{client}
-[source]
-type = "mqtt"
-topics = [{topics}]
-[[stage]]
-name = "faults"
-wasm = {:?}
-[sink]
-type = "file"
-path = "out.jsonl"
-[dead_letter]
-type = "file"
-path = "dead.jsonl"
-"#,
-            stage("faults").display().to_string()
-        );
-        std::fs::write(dir.path().join("p.toml"), text).expect("write pipeline");
-    };
-    write("\"frames/#\"");
+    file_pipeline(dir.path(), &client, &["frames/#"]);
     start(dir.path()).stop();
-    write("\"sensors/+/telemetry\"");
+    file_pipeline(dir.path(), &client, &["sensors/+/telemetry"]);
     let runnel = start(dir.path());
     publish_all(
         broker.port,
@@ -373,24 +365,8 @@ path = "dead.jsonl"
 fn a_retained_message_is_taken_once_across_restarts_on_mqtt5() {
     let dir = tempfile::tempdir().expect("temp dir");
     let broker = Mosquitto::start(&dir.path().join("broker"), free_port());
-    let text = format!(
-        r#"
-[mqtt.local]
-{}protocol = "5"
-[source]
-type = "mqtt"
-topics = ["sensors/#"]
-[[stage]]
-name = "faults"
-wasm = {:?}
-[sink]
-type = "file"
-path = "out.jsonl"
-"#,
-        persistent(&broker.url()),
-        stage("faults").display().to_string()
-    );
-    std::fs::write(dir.path().join("p.toml"), text).expect("write pipeline");
+    let connection = format!("{}protocol = \"5\"", persistent(&broker.url()));
+    file_pipeline(dir.path(), &connection, &["sensors/#"]);
     let status = std::process::Command::new("mosquitto_pub")
         .args(["-V", "5", "-p", &broker.port.to_string(), "-q", "1", "-r"])
         .args(["-t", "sensors/dev-1/telemetry", "-m", "{\"n\":1}"])
