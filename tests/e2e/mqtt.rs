@@ -164,6 +164,8 @@ fn every_reading_through_mosquitto_is_delivered_and_bad_ones_are_dead_lettered()
     assert_eq!(run.status, Some(0), "{}", run.stderr);
     let n = summary_numbers(run.summary());
     assert_eq!(&n[..4], &[1005, 1000, 0, 5], "{}", run.summary());
+    // The stop's own disconnect is no dropped connection to retry.
+    assert!(!run.stderr.contains("retry_in_ms"), "{}", run.stderr);
 }
 
 #[test]
