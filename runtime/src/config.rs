@@ -254,6 +254,41 @@ impl Pipeline {
                 ));
             }
         }
+        if let SourceConfig::Lambda { event } = self.file.source {
+            warnings.extend(self.lambda_warnings(event));
+        }
+        warnings
+    }
+
+    fn lambda_warnings(&self, event: crate::lambda::EventShape) -> Vec<String> {
+        use crate::lambda::EventShape;
+        let mut warnings = Vec::new();
+        let file = self.path.display();
+        if matches!(self.file.sink, SinkConfig::None {})
+            && !matches!(event, EventShape::Http | EventShape::Raw)
+        {
+            warnings.push(format!(
+                "{file}: [sink] type = \"none\": the answer to an SQS, Kinesis or Kafka event \
+                 names only the records that failed, so those events' outputs are counted and \
+                 dropped (as are an IoT rule's, which does not read the answer); send them on \
+                 with an mqtt, http or stdout sink"
+            ));
+        }
+        let sinks = [
+            ("[sink]", Some(&self.file.sink)),
+            ("[dead_letter]", self.file.dead_letter.as_ref()),
+        ];
+        for (table, sink) in sinks {
+            if let Some(SinkConfig::File { path, .. }) = sink {
+                if !path.starts_with("/tmp") {
+                    warnings.push(format!(
+                        "{file}: {table} writes to {}, but on AWS Lambda only /tmp can be \
+                         written: there the function would fail to start",
+                        path.display()
+                    ));
+                }
+            }
+        }
         warnings
     }
 

@@ -39,11 +39,38 @@ pub enum EventShape {
     Raw,
 }
 
+impl EventShape {
+    /// As the pipeline file names it.
+    fn name(self) -> &'static str {
+        match self {
+            EventShape::Auto => "auto",
+            EventShape::Sqs => "sqs",
+            EventShape::Kinesis => "kinesis",
+            EventShape::Kafka => "kafka",
+            EventShape::Http => "http",
+            EventShape::Raw => "raw",
+        }
+    }
+
+    /// What an event of this shape is, for errors.
+    fn describe(self) -> &'static str {
+        match self {
+            EventShape::Auto => "any event",
+            EventShape::Sqs => "an SQS batch",
+            EventShape::Kinesis => "a Kinesis batch",
+            EventShape::Kafka => "a Kafka batch",
+            EventShape::Http => "an API Gateway or function URL request",
+            EventShape::Raw => "not an SQS, Kinesis, Kafka or HTTP event",
+        }
+    }
+}
+
 /// Serves invocations until Lambda stops the process. Whatever stops the
 /// start (a bad pipeline file, a stage that will not load) is reported to
 /// the Runtime API as an init error, which Lambda shows for the invocation.
 pub async fn serve(pipeline_path: &std::path::Path, options: &RunOptions) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
+    check_environment()?;
     let prepared = async {
         let pipeline = Pipeline::load(pipeline_path)?;
         let SourceConfig::Lambda { event } = pipeline.file.source else {
@@ -52,6 +79,9 @@ pub async fn serve(pipeline_path: &std::path::Path, options: &RunOptions) -> any
                 pipeline_path.display()
             );
         };
+        for warning in pipeline.warnings() {
+            tracing::warn!("{warning}");
+        }
         if pipeline.file.metrics.is_some() {
             // No port of a Lambda function can be scraped; its figures are
             // CloudWatch's.
@@ -92,6 +122,40 @@ pub async fn serve(pipeline_path: &std::path::Path, options: &RunOptions) -> any
         .map_err(|err| anyhow::anyhow!("the Lambda runtime stopped: {err}"))
 }
 
+/// What the Lambda runtime client reads from the environment, checked
+/// first: it panics on a missing or malformed one.
+fn check_environment() -> anyhow::Result<()> {
+    let why = "runnel lambda runs under the Lambda Runtime API, or an emulator such as \
+               `cargo lambda watch`, which sets it";
+    for name in [
+        "AWS_LAMBDA_RUNTIME_API",
+        "AWS_LAMBDA_FUNCTION_NAME",
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+        "AWS_LAMBDA_FUNCTION_VERSION",
+    ] {
+        let value = std::env::var(name).map_err(|_| anyhow::anyhow!("{name} is not set: {why}"))?;
+        match name {
+            "AWS_LAMBDA_RUNTIME_API" => {
+                let address = value
+                    .parse::<hyper::Uri>()
+                    .ok()
+                    .filter(|uri| uri.authority().is_some());
+                if address.is_none() {
+                    anyhow::bail!(
+                        "{name} is \"{value}\": expected HOST:PORT (as Lambda sets it) or a URL \
+                         such as http://HOST:PORT/PATH"
+                    );
+                }
+            }
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE" if value.parse::<i32>().is_err() => {
+                anyhow::bail!("{name} is \"{value}\", not a number of MB")
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Why an invocation failed. Its kind becomes the `errorType` Lambda
 /// reports, which CloudWatch, retries and on-failure destinations show.
 #[derive(Debug)]
@@ -102,6 +166,8 @@ enum InvokeError {
     BatchFailed(anyhow::Error),
     /// The pipeline itself failed: a sink, or the chain's worker.
     Pipeline(anyhow::Error),
+    /// The answer would be over Lambda's response limit.
+    AnswerTooLarge(anyhow::Error),
 }
 
 impl From<InvokeError> for Diagnostic {
@@ -110,6 +176,7 @@ impl From<InvokeError> for Diagnostic {
             InvokeError::InvalidEvent(err) => ("InvalidEvent", err),
             InvokeError::BatchFailed(err) => ("BatchFailed", err),
             InvokeError::Pipeline(err) => ("PipelineFailed", err),
+            InvokeError::AnswerTooLarge(err) => ("AnswerTooLarge", err),
         };
         Diagnostic {
             error_type: format!("Runnel.{kind}"),
@@ -118,27 +185,52 @@ impl From<InvokeError> for Diagnostic {
     }
 }
 
+/// The most a synchronous invocation may answer: Lambda refuses a larger
+/// response, and the outputs in it would be lost.
+const MAX_ANSWER_BYTES: usize = 6 * 1024 * 1024;
+
 /// One invocation: the event's records through the chain, and the answer
 /// its shape calls for.
 async fn invoke(
     runner: &mut Runner,
     shape: EventShape,
     event: &RawValue,
-) -> Result<Value, InvokeError> {
+) -> Result<Box<RawValue>, InvokeError> {
+    let text = event.get();
+    let detected = detect(text);
     let shape = match shape {
-        EventShape::Auto => detect(event.get()),
-        shape => shape,
+        EventShape::Auto => detected,
+        // Any JSON is a raw event.
+        EventShape::Raw => EventShape::Raw,
+        fixed if fits(fixed, detected, text) => fixed,
+        fixed => {
+            return Err(InvokeError::InvalidEvent(anyhow::anyhow!(
+                "the event is {}, but the pipeline takes {} ([source] event = \"{}\")",
+                detected.describe(),
+                fixed.describe(),
+                fixed.name()
+            )))
+        }
     };
-    let (records, ids) = match decode_text(shape, event.get()) {
+    let (records, ids) = match decode_text(shape, text) {
         Ok(decoded) => decoded,
         // The caller of an HTTP endpoint gets the reason, as a client error.
         Err(err) if shape == EventShape::Http => {
             tracing::warn!("request refused: {err:#}");
-            return Ok(http_error(400, &format!("{err:#}")));
+            return to_answer(&http_error(400, &format!("{err:#}")));
         }
         Err(err) => return Err(InvokeError::InvalidEvent(err)),
     };
     let count = records.len();
+    if shape == EventShape::Sqs && is_fifo(&records) {
+        let failures = fifo(runner, records, &ids).await?;
+        return to_answer(&batch_failures(failures.iter().map(|&i| &ids[i])));
+    }
+    // A request's or a raw event's one record, kept in case its answer is
+    // too large to give.
+    let single = matches!(shape, EventShape::Http | EventShape::Raw)
+        .then(|| records.first().cloned())
+        .flatten();
     let processed = runner
         .process(records, now_ms())
         .await
@@ -150,7 +242,93 @@ async fn invoke(
         dead_letters = processed.dead.len(),
         "invocation done"
     );
-    answer(shape, &ids, processed).map_err(InvokeError::BatchFailed)
+    let answer = answer(shape, &ids, &processed).map_err(InvokeError::BatchFailed)?;
+    if answer.get().len() <= MAX_ANSWER_BYTES {
+        return Ok(answer);
+    }
+    let reason = format!(
+        "the answer is {} bytes, over Lambda's limit of {MAX_ANSWER_BYTES}: its outputs \
+         cannot be returned",
+        answer.get().len()
+    );
+    if let Some(record) = single {
+        runner
+            .dead_letter_input(record, "answer", &reason)
+            .await
+            .map_err(InvokeError::Pipeline)?;
+    }
+    match shape {
+        EventShape::Http => to_answer(&http_error(500, &reason)),
+        _ => Err(InvokeError::AnswerTooLarge(anyhow::anyhow!("{reason}"))),
+    }
+}
+
+/// Whether a fixed event shape takes this event. An empty batch has no
+/// record to tell SQS from Kinesis.
+fn fits(fixed: EventShape, detected: EventShape, event: &str) -> bool {
+    fixed == detected
+        || (detected == EventShape::Sqs
+            && fixed == EventShape::Kinesis
+            && batch_len(event) == Some(0))
+}
+
+/// A FIFO queue's messages come from a queue whose name ends in `.fifo`.
+fn is_fifo(records: &[Record]) -> bool {
+    records
+        .iter()
+        .any(|r| r.topic.as_deref().is_some_and(|t| t.ends_with(".fifo")))
+}
+
+/// An SQS FIFO batch, in order, one message at a time: after a message of a
+/// group fails, the group's later messages are not processed but reported
+/// failed with it, so Lambda gives them again in their order. Returns the
+/// indices of the failed messages.
+async fn fifo(
+    runner: &mut Runner,
+    records: Vec<Record>,
+    ids: &[String],
+) -> Result<Vec<usize>, InvokeError> {
+    let count = records.len();
+    let mut stopped: std::collections::HashSet<Option<String>> = Default::default();
+    let mut failures = Vec::new();
+    let (mut outputs, mut dead_letters) = (0, 0);
+    for (i, record) in records.into_iter().enumerate() {
+        let group = record.key.clone();
+        if stopped.contains(&group) {
+            failures.push(i);
+            continue;
+        }
+        let processed = runner
+            .process(vec![record], now_ms())
+            .await
+            .map_err(InvokeError::Pipeline)?;
+        outputs += processed.outputs.len();
+        dead_letters += processed.dead.len();
+        if processed.outcomes.first() == Some(&InputOutcome::DeadLettered) {
+            tracing::warn!(
+                message = ids.get(i).map(String::as_str).unwrap_or_default(),
+                group = group.as_deref().unwrap_or_default(),
+                "message failed: its group's later messages in this batch wait for its retry"
+            );
+            stopped.insert(group);
+            failures.push(i);
+        }
+    }
+    tracing::info!(
+        event = "Sqs",
+        fifo = true,
+        records = count,
+        outputs,
+        dead_letters,
+        not_processed = failures.len().saturating_sub(stopped.len()),
+        "invocation done"
+    );
+    Ok(failures)
+}
+
+fn to_answer(value: &impl serde::Serialize) -> Result<Box<RawValue>, InvokeError> {
+    serde_json::value::to_raw_value(value)
+        .map_err(|err| InvokeError::Pipeline(anyhow::anyhow!("cannot write the answer: {err}")))
 }
 
 /// The fields that tell event shapes apart, left unparsed, so telling the
@@ -190,9 +368,15 @@ pub fn detect(event: &str) -> EventShape {
     let Ok(probe) = serde_json::from_str::<Probe<'_>>(event) else {
         return EventShape::Raw;
     };
-    let first = probe
+    let records = probe
         .records
-        .and_then(|r| serde_json::from_str::<Vec<&RawValue>>(r.get()).ok())
+        .and_then(|r| serde_json::from_str::<Vec<&RawValue>>(r.get()).ok());
+    // An empty batch (SQS or Kinesis: the answer is the same) has no
+    // record to say which.
+    if records.as_ref().is_some_and(Vec::is_empty) {
+        return EventShape::Sqs;
+    }
+    let first = records
         .and_then(|records| records.first().copied())
         .and_then(|r| serde_json::from_str::<RecordProbe<'_>>(r.get()).ok());
     let source = first.and_then(|r| text_of(r.lower).or_else(|| text_of(r.upper)));
@@ -217,6 +401,14 @@ pub fn detect(event: &str) -> EventShape {
     EventShape::Raw
 }
 
+/// How many records an SQS or Kinesis batch holds; `None` if it is not one.
+fn batch_len(event: &str) -> Option<usize> {
+    let probe = serde_json::from_str::<Probe<'_>>(event).ok()?;
+    serde_json::from_str::<Vec<&RawValue>>(probe.records?.get())
+        .ok()
+        .map(|records| records.len())
+}
+
 /// Records, and per record what the event source calls it (message id,
 /// sequence number), for partial batch failures.
 type Decoded = (Vec<Record>, Vec<String>);
@@ -224,9 +416,15 @@ type Decoded = (Vec<Record>, Vec<String>);
 /// [`decode`] from the event's text. An SQS batch, the commonest and
 /// largest, goes straight to its type without a `Value` in between.
 fn decode_text(shape: EventShape, event: &str) -> anyhow::Result<Decoded> {
-    if shape == EventShape::Sqs {
-        let event = serde_json::from_str(event).context(not_valid("SQS"))?;
-        return Ok(sqs(event));
+    match shape {
+        EventShape::Sqs => {
+            let event = serde_json::from_str(event).context(not_valid("SQS"))?;
+            return Ok(sqs(event));
+        }
+        // The event's own text: parsed and written again, its numbers could
+        // lose digits and its keys their order.
+        EventShape::Raw | EventShape::Auto => return Ok(raw(event)),
+        _ => {}
     }
     decode(
         shape,
@@ -260,13 +458,14 @@ fn decode(shape: EventShape, event: Value) -> anyhow::Result<Decoded> {
         EventShape::Kafka => {
             let mut event = event;
             let times = take_times(&mut event, "records", &["timestamp"], 1.0);
+            sign_header_bytes(&mut event);
             kafka(
                 serde_json::from_value(event).with_context(|| not("Kafka"))?,
                 &times,
             )?
         }
         EventShape::Http => http(event)?,
-        EventShape::Raw | EventShape::Auto => raw(event),
+        EventShape::Raw | EventShape::Auto => raw(&event.to_string()),
     })
 }
 
@@ -347,6 +546,30 @@ fn take_times(event: &mut Value, records: &str, path: &[&str], unit_ms: f64) -> 
     }
 }
 
+/// Kafka header values are lists of bytes, which AWS writes as signed
+/// numbers (-128 to 127) and aws_lambda_events reads as such; a source
+/// that writes them unsigned (0 to 255) is read the same way.
+fn sign_header_bytes(event: &mut Value) {
+    let Some(partitions) = event.get_mut("records").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let bytes = partitions
+        .values_mut()
+        .filter_map(Value::as_array_mut)
+        .flatten()
+        .filter_map(|record| record.get_mut("headers").and_then(Value::as_array_mut))
+        .flatten()
+        .filter_map(Value::as_object_mut)
+        .flat_map(|header| header.values_mut())
+        .filter_map(Value::as_array_mut)
+        .flatten();
+    for byte in bytes {
+        if let Some(n @ 128..=255) = byte.as_u64() {
+            *byte = Value::from(n as i64 - 256);
+        }
+    }
+}
+
 fn kinesis(event: KinesisEvent, arrivals: &[Option<i64>]) -> Decoded {
     event
         .records
@@ -404,11 +627,31 @@ fn kafka(event: KafkaEvent, times: &Times) -> anyhow::Result<Decoded> {
 }
 
 fn http(event: Value) -> anyhow::Result<Decoded> {
+    if event["requestContext"].get("elb").is_some() {
+        anyhow::bail!(
+            "the event is an Application Load Balancer request: runnel answers API Gateway \
+             (REST, HTTP API) and function URL requests"
+        );
+    }
     // A REST API sends version 1 (httpMethod); HTTP APIs and function URLs send 2.0.
     let (body, base64, path, headers) = if event.get("httpMethod").is_some() {
         let request: ApiGatewayProxyRequest = serde_json::from_value(event)
             .context("the event is not a valid API Gateway (REST) request")?;
-        let headers = request_headers(&request.headers, &request.query_string_parameters);
+        // The multi-value forms hold every value; the plain ones, the last.
+        let headers = if request.multi_value_headers.is_empty() {
+            &request.headers
+        } else {
+            &request.multi_value_headers
+        };
+        let query = if request.multi_value_query_string_parameters.is_empty() {
+            &request.query_string_parameters
+        } else {
+            &request.multi_value_query_string_parameters
+        };
+        let query = query
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()));
+        let headers = request_headers(headers, query, &[]);
         (
             request.body,
             request.is_base64_encoded,
@@ -416,9 +659,32 @@ fn http(event: Value) -> anyhow::Result<Decoded> {
             headers,
         )
     } else {
+        // Version 2 joins a parameter's values with commas, and a value may
+        // hold commas of its own: the raw query string tells them apart.
+        // A hand-made event may have only the map; its values are taken whole.
+        let plain_query: Vec<(String, String)> = event
+            .get("queryStringParameters")
+            .and_then(Value::as_object)
+            .map(|params| {
+                params
+                    .iter()
+                    .filter_map(|(name, value)| Some((name.clone(), value.as_str()?.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default();
         let request: ApiGatewayV2httpRequest = serde_json::from_value(event)
             .context("the event is not a valid API Gateway HTTP API or function URL request")?;
-        let headers = request_headers(&request.headers, &request.query_string_parameters);
+        let raw_query = request.raw_query_string.as_deref().unwrap_or_default();
+        let query: Vec<(String, String)> = if raw_query.is_empty() {
+            plain_query
+        } else {
+            form_urlencoded::parse(raw_query.as_bytes())
+                .into_owned()
+                .collect()
+        };
+        let query = query.into_iter();
+        let cookies = request.cookies.as_deref().unwrap_or_default();
+        let headers = request_headers(&request.headers, query, cookies);
         (
             request.body,
             request.is_base64_encoded,
@@ -441,86 +707,124 @@ fn http(event: Value) -> anyhow::Result<Decoded> {
     Ok((vec![record], vec!["request".into()]))
 }
 
-/// A request's headers (names in lower case, as HTTP/2 and API Gateway's
-/// version 2 give them) and its query parameters as `query.NAME`, so a
-/// device id sent either way reaches the stage. A header that is not text is
-/// left out.
+/// A request's headers, names in lower case as HTTP/2 and API Gateway's
+/// version 2 give them, a repeated one's values joined by commas as version
+/// 2 joins them; its cookies as one `cookie` header; and its query
+/// parameters as `query.NAME`, one header per value. So a device id sent
+/// any of these ways reaches the stage.
 fn request_headers(
     headers: &aws_lambda_events::http::HeaderMap,
-    query: &aws_lambda_events::query_map::QueryMap,
+    query: impl Iterator<Item = (String, String)>,
+    cookies: &[String],
 ) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = headers
-        .iter()
-        .filter_map(|(name, value)| {
-            Some((name.as_str().to_string(), value.to_str().ok()?.to_string()))
-        })
-        .collect();
-    out.extend(
-        query
+    let mut out: Vec<(String, String)> = Vec::new();
+    for name in headers.keys() {
+        let values: Vec<String> = headers
+            .get_all(name)
             .iter()
-            .map(|(name, value)| (format!("query.{name}"), value.to_string())),
-    );
+            .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+            .collect();
+        out.push((name.as_str().to_string(), values.join(",")));
+    }
+    if !cookies.is_empty() && !out.iter().any(|(name, _)| name == "cookie") {
+        out.push(("cookie".into(), cookies.join("; ")));
+    }
+    out.extend(query.map(|(name, value)| (format!("query.{name}"), value)));
     out
 }
 
-fn raw(event: Value) -> Decoded {
-    let mut record = Record::new(serde_json::to_vec(&event).unwrap_or_default());
+fn raw(event: &str) -> Decoded {
+    #[derive(Deserialize)]
+    struct Topic {
+        topic: Option<String>,
+    }
+    let mut record = Record::new(event.as_bytes().to_vec());
     // An IoT rule can pass the topic along: SELECT *, topic() AS topic.
-    record.topic = event["topic"].as_str().map(str::to_string);
+    record.topic = serde_json::from_str::<Topic>(event)
+        .ok()
+        .and_then(|t| t.topic);
     record.timestamp = Some(now_ms());
     (vec![record], vec!["event".into()])
 }
 
-/// A payload in a JSON answer: itself when it is JSON, else its text, else
-/// base64.
-fn payload_value(payload: &[u8]) -> Value {
-    if let Ok(value) = serde_json::from_slice::<Value>(payload) {
-        return value;
-    }
-    match std::str::from_utf8(payload) {
-        Ok(text) => Value::String(text.to_string()),
-        Err(_) => json!({ "base64": base64::engine::general_purpose::STANDARD.encode(payload) }),
+/// A payload in a JSON answer: itself, as written, when it is JSON; else
+/// its text; else `{"base64": …}`.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum AnswerPayload<'a> {
+    Json(&'a RawValue),
+    Text(&'a str),
+    Binary { base64: String },
+}
+
+impl<'a> AnswerPayload<'a> {
+    fn of(payload: &'a [u8]) -> Self {
+        if let Ok(json) = serde_json::from_slice::<&RawValue>(payload) {
+            return AnswerPayload::Json(json);
+        }
+        match std::str::from_utf8(payload) {
+            Ok(text) => AnswerPayload::Text(text),
+            Err(_) => AnswerPayload::Binary {
+                base64: base64::engine::general_purpose::STANDARD.encode(payload),
+            },
+        }
     }
 }
 
 /// Indices of the records with a dead letter, in order.
 fn failed(processed: &Processed) -> Vec<usize> {
-    let mut failed: Vec<usize> = processed
+    processed
         .outcomes
         .iter()
         .enumerate()
         .filter(|(_, o)| **o == InputOutcome::DeadLettered)
         .map(|(i, _)| i)
-        .collect();
-    failed.sort_unstable();
-    failed
+        .collect()
 }
 
-fn answer(shape: EventShape, ids: &[String], processed: Processed) -> anyhow::Result<Value> {
-    let failed = failed(&processed);
+/// `{"batchItemFailures": [...]}`: Lambda retries (or redrives) only the
+/// records named here; the rest are deleted from the queue or checkpointed
+/// past.
+fn batch_failures<'a>(ids: impl Iterator<Item = &'a String>) -> Value {
+    let failures: Vec<Value> = ids.map(|id| json!({ "itemIdentifier": id })).collect();
+    json!({ "batchItemFailures": failures })
+}
+
+/// The answer for the event's records. Outputs and dead letters a stage's
+/// timer made in the same invocation go to the sinks only: they are not
+/// the caller's.
+fn answer(
+    shape: EventShape,
+    ids: &[String],
+    processed: &Processed,
+) -> anyhow::Result<Box<RawValue>> {
+    let failed = failed(processed);
+    let outputs: Vec<&Record> = processed
+        .outputs
+        .iter()
+        .filter(|(input, _)| input.is_some())
+        .map(|(_, r)| r)
+        .collect();
+    let dead: Vec<(&str, &str)> = processed
+        .dead
+        .iter()
+        .filter(|(input, _, _)| input.is_some())
+        .map(|(_, stage, reason)| (stage.as_str(), reason.as_str()))
+        .collect();
     let first_reason = || {
-        processed
-            .dead
-            .first()
-            .map(|(_, stage, reason)| format!("{stage}: {reason}"))
+        dead.first()
+            .map(|(stage, reason)| format!("{stage}: {reason}"))
             .unwrap_or_default()
     };
-    match shape {
-        // Lambda retries (or redrives) only the records named here; the rest
-        // are deleted from the queue or checkpointed past.
+    let value = match shape {
         EventShape::Sqs | EventShape::Kinesis => {
-            let failures: Vec<Value> = failed
-                .iter()
-                .filter_map(|&i| ids.get(i))
-                .map(|id| json!({ "itemIdentifier": id }))
-                .collect();
-            Ok(json!({ "batchItemFailures": failures }))
+            batch_failures(failed.iter().filter_map(|&i| ids.get(i)))
         }
         // Kafka has no partial failure: the batch fails as a whole, so the
         // event source retries it or sends it to its on-failure destination.
         EventShape::Kafka => {
             if failed.is_empty() {
-                Ok(json!({ "processed": ids.len() }))
+                json!({ "processed": ids.len() })
             } else {
                 let names: Vec<&str> = failed
                     .iter()
@@ -535,35 +839,47 @@ fn answer(shape: EventShape, ids: &[String], processed: Processed) -> anyhow::Re
                 )
             }
         }
-        EventShape::Http => Ok(http_answer(&processed, first_reason())),
-        EventShape::Raw | EventShape::Auto => Ok(json!({
-            "outputs": processed
-                .outputs
-                .iter()
-                .map(|(_, r)| payload_value(&r.payload))
-                .collect::<Vec<_>>(),
-            "dead_letters": processed
-                .dead
-                .iter()
-                .map(|(_, stage, reason)| json!({ "stage": stage, "reason": reason }))
-                .collect::<Vec<_>>(),
-        })),
-    }
+        EventShape::Http => http_answer(&outputs, !failed.is_empty(), first_reason())?,
+        EventShape::Raw | EventShape::Auto => {
+            #[derive(serde::Serialize)]
+            struct DeadLetter<'a> {
+                stage: &'a str,
+                reason: &'a str,
+            }
+            #[derive(serde::Serialize)]
+            struct RawAnswer<'a> {
+                outputs: Vec<AnswerPayload<'a>>,
+                dead_letters: Vec<DeadLetter<'a>>,
+            }
+            let answer = RawAnswer {
+                outputs: outputs
+                    .iter()
+                    .map(|r| AnswerPayload::of(&r.payload))
+                    .collect(),
+                dead_letters: dead
+                    .iter()
+                    .map(|&(stage, reason)| DeadLetter { stage, reason })
+                    .collect(),
+            };
+            return Ok(serde_json::value::to_raw_value(&answer)?);
+        }
+    };
+    Ok(serde_json::value::to_raw_value(&value)?)
 }
 
 /// 200 with the output (one: its payload; several: a JSON array), 204 with
 /// none, 422 with the reason when the request was dead-lettered.
-fn http_answer(processed: &Processed, reason: String) -> Value {
+fn http_answer(outputs: &[&Record], dead_lettered: bool, reason: String) -> anyhow::Result<Value> {
     let json_headers = json!({ "content-type": "application/json" });
-    if !processed.dead.is_empty() {
-        return http_error(422, &reason);
+    if dead_lettered {
+        return Ok(http_error(422, &reason));
     }
-    match processed.outputs.as_slice() {
+    Ok(match outputs {
         [] => json!({ "statusCode": 204, "body": "", "isBase64Encoded": false }),
-        [(_, only)] => match std::str::from_utf8(&only.payload) {
+        [only] => match std::str::from_utf8(&only.payload) {
             Ok(text) => json!({
                 "statusCode": 200,
-                "headers": if serde_json::from_str::<Value>(text).is_ok() {
+                "headers": if serde_json::from_str::<&RawValue>(text).is_ok() {
                     json_headers
                 } else {
                     json!({ "content-type": "text/plain; charset=utf-8" })
@@ -578,13 +894,17 @@ fn http_answer(processed: &Processed, reason: String) -> Value {
                 "isBase64Encoded": true,
             }),
         },
-        many => json!({
-            "statusCode": 200,
-            "headers": json_headers,
-            "body": Value::Array(many.iter().map(|(_, r)| payload_value(&r.payload)).collect()).to_string(),
-            "isBase64Encoded": false,
-        }),
-    }
+        many => {
+            let body: Vec<AnswerPayload<'_>> =
+                many.iter().map(|r| AnswerPayload::of(&r.payload)).collect();
+            json!({
+                "statusCode": 200,
+                "headers": json_headers,
+                "body": serde_json::to_string(&body)?,
+                "isBase64Encoded": false,
+            })
+        }
+    })
 }
 
 /// An HTTP answer with `{"error": reason}` as its body.
@@ -668,10 +988,11 @@ mod tests {
             "[1, 2]",
             "\"text\"",
             r#"{"Records": 5, "eventSource": 7, "requestContext": null}"#,
-            r#"{"Records": [], "records": {}}"#,
             r#"{"Records": [{"EventSource": "aws:sqs"}]}"#,
+            // An empty batch: SQS and Kinesis get the same answer.
+            r#"{"Records": [], "records": {}}"#,
         ] {
-            let expected = if other.contains("EventSource") {
+            let expected = if other.contains("EventSource") || other.contains("[]") {
                 EventShape::Sqs
             } else {
                 EventShape::Raw
@@ -769,6 +1090,128 @@ mod tests {
             [
                 ("sig".to_string(), "AQID".to_string()),
                 ("site".into(), "plant-a".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_fixed_shape_takes_only_its_own_events() {
+        let sqs = include_str!("../../tests/lambda-events/sqs.json");
+        let kinesis = include_str!("../../tests/lambda-events/kinesis.json");
+        assert!(fits(EventShape::Sqs, detect(sqs), sqs));
+        assert!(!fits(EventShape::Http, detect(sqs), sqs));
+        assert!(!fits(EventShape::Sqs, detect(kinesis), kinesis));
+        assert!(!fits(
+            EventShape::Kinesis,
+            detect("{\"a\": 1}"),
+            "{\"a\": 1}"
+        ));
+        let empty = r#"{"Records": []}"#;
+        assert!(fits(EventShape::Sqs, detect(empty), empty));
+        assert!(fits(EventShape::Kinesis, detect(empty), empty));
+        assert!(!fits(EventShape::Kafka, detect(empty), empty));
+        assert_eq!(
+            EventShape::Http.describe(),
+            "an API Gateway or function URL request"
+        );
+    }
+
+    #[test]
+    fn a_raw_event_reaches_the_stage_as_it_was_sent() {
+        let event = r#"{"amount":12345678901234567890123,"price":0.30000000000000000444,"dup":1,"dup":2,"topic":"t/1","huge":1e400}"#;
+        let (records, _) = decode_text(EventShape::Raw, event).expect("raw");
+        assert_eq!(records[0].payload, event.as_bytes());
+        assert_eq!(records[0].topic.as_deref(), Some("t/1"));
+        let (records, _) = decode_text(EventShape::Raw, "[1,2]").expect("array");
+        assert_eq!(records[0].payload, b"[1,2]");
+        assert_eq!(records[0].topic, None);
+    }
+
+    #[test]
+    fn answers_hold_the_callers_records_not_a_timers() {
+        let output = |payload: &str| Record::new(payload.as_bytes().to_vec());
+        let processed = Processed {
+            outcomes: vec![InputOutcome::Emitted],
+            outputs: vec![
+                (Some(0), output(r#"{"n":12345678901234567890123}"#)),
+                (None, output(r#"{"window":"closed"}"#)),
+            ],
+            dead: vec![(None, "window".into(), "flush failed".into())],
+        };
+        let ids = ["request".to_string()];
+        let answer = answer(EventShape::Http, &ids, &processed).expect("http");
+        let answer: Value = serde_json::from_str(answer.get()).expect("JSON");
+        assert_eq!(answer["statusCode"], 200, "{answer}");
+        assert_eq!(answer["body"], r#"{"n":12345678901234567890123}"#);
+        let raw = super::answer(EventShape::Raw, &ids, &processed).expect("raw");
+        assert_eq!(
+            raw.get(),
+            r#"{"outputs":[{"n":12345678901234567890123}],"dead_letters":[]}"#
+        );
+    }
+
+    #[test]
+    fn every_header_and_query_value_of_a_request_reaches_the_stage() {
+        fn header(records: &[Record], name: &str) -> Vec<String> {
+            records[0]
+                .headers
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+                .collect()
+        }
+        let mut rest: Value =
+            serde_json::from_str(include_str!("../../tests/lambda-events/apigw-rest.json"))
+                .expect("sample event");
+        rest["multiValueHeaders"] = json!({"X-Tenant": ["t1", "t2"], "X-Name": ["José Müller"]});
+        rest["multiValueQueryStringParameters"] =
+            json!({"tag": ["a", "b"], "name": ["Smith, John"]});
+        let (records, _) = decode(EventShape::Http, rest).expect("rest");
+        assert_eq!(header(&records, "x-tenant"), ["t1,t2"]);
+        assert_eq!(header(&records, "x-name"), ["José Müller"]);
+        assert_eq!(header(&records, "query.tag"), ["a", "b"]);
+        assert_eq!(header(&records, "query.name"), ["Smith, John"]);
+
+        let mut url: Value =
+            serde_json::from_str(include_str!("../../tests/lambda-events/function-url.json"))
+                .expect("sample event");
+        url["rawQueryString"] = "range=1,5&name=Smith%2C+John&tag=a&tag=b".into();
+        url["queryStringParameters"] = json!({"range": "1,5", "name": "Smith, John", "tag": "a,b"});
+        url["cookies"] = json!(["s=1", "t=2"]);
+        let (records, _) = decode(EventShape::Http, url).expect("url");
+        assert_eq!(header(&records, "query.range"), ["1,5"]);
+        assert_eq!(header(&records, "query.name"), ["Smith, John"]);
+        assert_eq!(header(&records, "query.tag"), ["a", "b"]);
+        assert_eq!(header(&records, "cookie"), ["s=1; t=2"]);
+
+        let mut alb = json!({"httpMethod": "GET", "path": "/", "body": "",
+            "requestContext": {"elb": {"targetGroupArn": "arn:aws:elasticloadbalancing:x"}}});
+        alb["isBase64Encoded"] = false.into();
+        let err = decode(EventShape::Http, alb).expect_err("ALB");
+        assert!(
+            err.to_string().contains("Application Load Balancer"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn kafka_header_bytes_are_read_signed_or_unsigned() {
+        let mut event: Value =
+            serde_json::from_str(include_str!("../../tests/lambda-events/kafka.json"))
+                .expect("sample event");
+        let first = event["records"]
+            .as_object_mut()
+            .and_then(|p| p.values_mut().next())
+            .expect("a partition");
+        // "café" as AWS writes it (signed) and as unsigned bytes.
+        first[0]["headers"] =
+            json!([{"signed": [99, 97, 102, -61, -87]}, {"unsigned": [99, 97, 102, 195, 169]}]);
+        let (records, _) = decode(EventShape::Kafka, event).expect("kafka");
+        assert_eq!(
+            records[0].headers,
+            [
+                ("signed".to_string(), "café".to_string()),
+                ("unsigned".into(), "café".into())
             ]
         );
     }

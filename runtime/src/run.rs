@@ -13,7 +13,7 @@ use crate::config::{ConfigError, Pipeline};
 use crate::metrics::Metrics;
 use crate::mqtt::{Connections, SourceNeeds};
 use crate::sink::{Sink, SinkConfig, SinkRole};
-use crate::source::{Clock, Source};
+use crate::source::{Clock, Source, SourceConfig};
 use crate::wasm::{CacheOutcome, CpuTarget, Engine, EngineOptions, LoadedStage, StageLimits};
 use crate::Record;
 
@@ -27,11 +27,15 @@ pub struct RunOptions {
     pub no_cache: bool,
 }
 
-/// Where a pipeline's dead letters go: its `[dead_letter]`, or the default
-/// file beside it.
+/// Where a pipeline's dead letters go: its `[dead_letter]`, or by default
+/// the file beside it; under Lambda, whose task folder is read-only,
+/// standard output, which Lambda sends to CloudWatch Logs.
 fn dead_letter_sink(pipeline: &Pipeline) -> std::borrow::Cow<'_, SinkConfig> {
     match &pipeline.file.dead_letter {
         Some(sink) => std::borrow::Cow::Borrowed(sink),
+        None if matches!(pipeline.file.source, SourceConfig::Lambda { .. }) => {
+            std::borrow::Cow::Owned(SinkConfig::Stdout { format: None })
+        }
         None => std::borrow::Cow::Owned(SinkConfig::File {
             path: DEFAULT_DEAD_LETTER.into(),
             format: None,
@@ -701,26 +705,7 @@ impl Runner {
                 });
             }
         }
-        if !dead_letters.is_empty() {
-            let now = now_ms();
-            let entries: Vec<Record> = dead_letters
-                .iter()
-                .map(|dead| crate::deadletter::to_record(&self.name, dead, now))
-                .collect();
-            for dead in &dead_letters {
-                tracing::warn!(stage = %dead.stage, reason = %dead.reason, "dead letter");
-            }
-            let refused = self.dead_sink.send(&entries).await?;
-            for entry in &refused {
-                // Nowhere further to send it: the log is its last place.
-                tracing::error!(
-                    entry = %String::from_utf8_lossy(&entries[entry.index].payload),
-                    "the dead-letter sink refused an entry: {}",
-                    entry.reason
-                );
-            }
-            self.summary.dead_letters += entries.len() as u64;
-        }
+        self.write_dead_letters(&dead_letters).await?;
         Ok(Delivered {
             outcomes,
             dead: dead_letters
@@ -728,6 +713,53 @@ impl Runner {
                 .map(|d| (d.input, d.stage, d.reason))
                 .collect(),
         })
+    }
+}
+
+impl Runner {
+    /// Logs dead letters and writes them to the dead-letter sink.
+    async fn write_dead_letters(&mut self, dead_letters: &[DeadLetter]) -> anyhow::Result<()> {
+        if dead_letters.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let entries: Vec<Record> = dead_letters
+            .iter()
+            .map(|dead| crate::deadletter::to_record(&self.name, dead, now))
+            .collect();
+        for dead in dead_letters {
+            tracing::warn!(stage = %dead.stage, reason = %dead.reason, "dead letter");
+        }
+        let refused = self.dead_sink.send(&entries).await?;
+        for entry in &refused {
+            // Nowhere further to send it: the log is its last place.
+            tracing::error!(
+                entry = %String::from_utf8_lossy(&entries[entry.index].payload),
+                "the dead-letter sink refused an entry: {}",
+                entry.reason
+            );
+        }
+        self.summary.dead_letters += entries.len() as u64;
+        Ok(())
+    }
+
+    /// Dead-letters an input the chain produced outputs for that could not
+    /// be passed on after all (a Lambda answer over its size limit).
+    pub(crate) async fn dead_letter_input(
+        &mut self,
+        record: Record,
+        stage: &str,
+        reason: &str,
+    ) -> anyhow::Result<()> {
+        self.summary.emitted = self.summary.emitted.saturating_sub(1);
+        self.summary.dead_lettered += 1;
+        let dead = DeadLetter {
+            stage: stage.into(),
+            reason: reason.into(),
+            record,
+            input: Some(0),
+        };
+        self.write_dead_letters(std::slice::from_ref(&dead)).await
     }
 }
 

@@ -312,3 +312,105 @@ fn run_refuses_a_lambda_pipeline() {
         run.stderr
     );
 }
+
+/// An SQS batch of these bodies: (message id, body, message group).
+fn sqs_event(queue: &str, messages: &[(&str, &str, &str)]) -> serde_json::Value {
+    let records: Vec<serde_json::Value> = messages
+        .iter()
+        .map(|(id, body, group)| {
+            serde_json::json!({
+                "messageId": id,
+                "receiptHandle": "handle",
+                "body": body,
+                "attributes": {"MessageGroupId": group, "SentTimestamp": "1767225600000"},
+                "messageAttributes": {},
+                "md5OfBody": "",
+                "eventSource": "aws:sqs",
+                "eventSourceARN": format!("arn:aws:sqs:eu-west-1:123456789012:{queue}"),
+                "awsRegion": "eu-west-1"
+            })
+        })
+        .collect();
+    serde_json::json!({ "Records": records })
+}
+
+/// The faults stage alone (it passes through what names no fault), outputs
+/// only in the answer, dead letters to a file.
+#[test]
+fn fifo_groups_stay_in_order_and_an_answer_too_large_is_dead_lettered() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = format!(
+        "[source]\ntype = \"lambda\"\n\n[[stage]]\nname = \"faults\"\nwasm = {:?}\n\
+         memory_mb = 64\n\n[sink]\ntype = \"none\"\n\n[dead_letter]\ntype = \"file\"\n\
+         path = \"dead.jsonl\"\n",
+        stage("faults").display().to_string()
+    );
+    std::fs::write(dir.path().join("p.toml"), text).expect("write pipeline");
+    let emulator = Emulator::start();
+    let mut function = emulator.function(dir.path(), &["lambda", "p.toml"]);
+    function.wait_for_log("ready for invocations", Duration::from_secs(90));
+    let write_event = |name: &str, event: &serde_json::Value| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, event.to_string()).expect("write event");
+        path
+    };
+    let messages = [
+        ("a1", "first of a", "a"),
+        ("a2", "reject", "a"),
+        ("a3", "third of a", "a"),
+        ("b1", "first of b", "b"),
+    ];
+
+    // A FIFO queue: group a stops at its failed message, whose later one is
+    // reported with it and not processed; group b goes on.
+    let fifo = write_event("fifo.json", &sqs_event("orders.fifo", &messages));
+    let answer = emulator.invoke(&fifo).expect("fifo");
+    assert_eq!(
+        answer,
+        serde_json::json!({"batchItemFailures": [{"itemIdentifier": "a2"}, {"itemIdentifier": "a3"}]})
+    );
+    let dead = read_json_lines(&dir.path().join("dead.jsonl"));
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["reason"], "asked to reject");
+
+    // A standard queue keeps no order: only the failed message is reported.
+    let standard = write_event("standard.json", &sqs_event("orders", &messages));
+    let answer = emulator.invoke(&standard).expect("standard");
+    assert_eq!(
+        answer,
+        serde_json::json!({"batchItemFailures": [{"itemIdentifier": "a2"}]})
+    );
+
+    // An output over Lambda's 6 MB answer limit: the invocation fails with
+    // the reason, and the event is in the dead letter rather than lost.
+    let big = write_event(
+        "big.json",
+        &serde_json::json!({"note": "x".repeat(6_500_000)}),
+    );
+    let error = emulator.invoke(&big).expect_err("too large an answer");
+    assert!(error.contains("Runnel.AnswerTooLarge"), "{error}");
+    assert!(error.contains("over Lambda's limit"), "{error}");
+    let dead = read_json_lines(&dir.path().join("dead.jsonl"));
+    let last = dead.last().expect("a dead letter");
+    assert_eq!(last["stage"], "answer", "{last}");
+
+    // The function goes on.
+    let answer = emulator.invoke(&event("iot-rule.json")).expect("after big");
+    assert_eq!(answer["outputs"][0]["device"], "dev-1", "{answer}");
+    drop(emulator);
+    function.kill();
+}
+
+#[test]
+fn lambda_without_the_runtime_api_says_what_is_missing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    pipeline(dir.path());
+    let run = Background::start(Path::new(BIN), dir.path(), &["lambda", "p.toml"], &[]).finish();
+    assert_ne!(run.status, Some(101), "panicked: {}", run.stderr);
+    assert_ne!(run.status, Some(0), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("AWS_LAMBDA_RUNTIME_API is not set"),
+        "{}",
+        run.stderr
+    );
+}
