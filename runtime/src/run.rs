@@ -687,6 +687,9 @@ impl Runner {
             if from_timer {
                 self.summary.timer_outputs += accepted;
             }
+            // From the last, so each index still points at its record; the
+            // dead letters are then put back in the outputs' order.
+            let mut refused_letters = Vec::with_capacity(rejected.len());
             for refused in rejected.into_iter().rev() {
                 let input = inputs.get(refused.index).copied().flatten();
                 // An input with a refused output counts as dead-lettered.
@@ -697,13 +700,14 @@ impl Runner {
                     }
                     *outcome = InputOutcome::DeadLettered;
                 }
-                dead_letters.push(DeadLetter {
+                refused_letters.push(DeadLetter {
                     stage: "sink".into(),
                     reason: format!("the sink refused it: {}", refused.reason),
                     record: records.swap_remove(refused.index),
                     input,
                 });
             }
+            dead_letters.extend(refused_letters.into_iter().rev());
         }
         self.write_dead_letters(&dead_letters).await?;
         Ok(Delivered {
@@ -739,7 +743,7 @@ impl Runner {
                 entry.reason
             );
         }
-        self.summary.dead_letters += entries.len() as u64;
+        self.summary.dead_letters += (entries.len() - refused.len()) as u64;
         Ok(())
     }
 

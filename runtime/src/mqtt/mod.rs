@@ -36,7 +36,7 @@ pub struct ConnectionConfig {
     /// Where the embedded broker listens for MQTT 5, if at all.
     pub listen_v5: Option<Spanned<String>>,
     /// Stable across restarts, so a persistent session finds its messages.
-    pub client_id: Option<String>,
+    pub client_id: Option<Spanned<String>>,
     #[serde(default)]
     pub protocol: Protocol,
     /// Start a fresh session each time instead of resuming the last one.
@@ -263,6 +263,17 @@ impl ConnectionConfig {
         if self.inflight == 0 {
             return Err(at(self.broker.span(), "inflight must be above 0".into()));
         }
+        if let Some(id) = self.client_id.as_ref().filter(|id| id.get_ref().is_empty()) {
+            if !self.clean_start {
+                return Err(at(
+                    id.span(),
+                    "client_id is empty, and a broker keeps a session (clean_start = false) \
+                     only for a named client: leave client_id out for the default \
+                     (runnel-HOST-PIPELINE-CONNECTION), or set clean_start = true"
+                        .into(),
+                ));
+            }
+        }
         if let Some(spool) = &self.spool {
             if spool.max_mb == 0 {
                 return Err(at(
@@ -481,7 +492,8 @@ fn open_one(
     };
     let client_id = config
         .client_id
-        .clone()
+        .as_ref()
+        .map(|id| id.get_ref().clone())
         .unwrap_or_else(|| default_client_id(pipeline_name, name));
     let spool = match config.spool.as_ref().filter(|_| publishes) {
         Some(s) => Some(

@@ -162,14 +162,19 @@ impl TopicTemplate {
     }
 
     /// [`Self::render`], with `fill` standing in for a key or topic the
-    /// record lacks, when given.
+    /// record lacks, when given, and for each wildcard or NUL in one it has:
+    /// a dead letter must have somewhere to go.
     pub fn render_filling(&self, record: &Record, fill: Option<&str>) -> Result<String, String> {
         let mut topic = self.text.clone();
+        let place = |value: &str| match fill {
+            Some(fill) if value.contains(['+', '#', '\0']) => value.replace(['+', '#', '\0'], fill),
+            _ => value.to_string(),
+        };
         if topic.contains("{key}") {
-            topic = topic.replace("{key}", self.field(&record.key, fill, "key")?);
+            topic = topic.replace("{key}", &place(self.field(&record.key, fill, "key")?));
         }
         if topic.contains("{topic}") {
-            topic = topic.replace("{topic}", self.field(&record.topic, fill, "topic")?);
+            topic = topic.replace("{topic}", &place(self.field(&record.topic, fill, "topic")?));
         }
         if topic.contains(['+', '#', '\0']) {
             return Err(format!("`{topic}` is not a topic one can publish to"));
@@ -289,6 +294,12 @@ mod tests {
             Err("the record has no key for topic `alerts/{key}`".to_string())
         );
         assert_eq!(t.render_filling(&r, Some("_")).expect("topic"), "alerts/_");
+        let wild = Record::new("x").with_key("a+b#c");
+        assert!(t.render(&wild).is_err());
+        assert_eq!(
+            t.render_filling(&wild, Some("_")).expect("topic"),
+            "alerts/a_b_c"
+        );
         let own = TopicTemplate::parse("{topic}").expect("the default");
         r.topic = Some(String::new());
         assert_eq!(
