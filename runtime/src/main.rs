@@ -132,23 +132,34 @@ const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::filter::{filter_fn, FilterExt as _};
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     // The embedded broker's own log is off unless RUST_LOG asks for it: at
     // info it logs every client's connect and disconnect, and it logs errors
     // for ordinary events (a client that connects, publishes and leaves, as
     // mosquitto_pub does, gives "no-connection id N is already gone").
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // Except its warning that it dropped messages a slow subscriber had not
+    // read yet (see mqtt::broker): that loses inputs, and must be seen. It
+    // is the event with a `start_cursor` field.
+    let dropped_by_broker = filter_fn(|meta| {
+        meta.target().starts_with("rumqttd") && meta.fields().field("start_cursor").is_some()
+    });
+    let filter = filter.or(dropped_by_broker);
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         // Reporting a failed write would go to the same stderr, with a
         // panic when it is gone; the log line is lost, the run goes on.
         .log_internal_errors(false);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let layer = match format {
+        LogFormat::Text => layer.with_filter(filter).boxed(),
+        LogFormat::Json => layer.json().with_filter(filter).boxed(),
+    };
+    tracing_subscriber::registry().with(layer).init();
 }
 
 fn load(path: &std::path::Path) -> Result<Pipeline, ExitCode> {
@@ -186,6 +197,9 @@ async fn run(path: PathBuf, options: RunOptions) -> ExitCode {
         result = runnel::run(&pipeline, &options, shutdown) => result,
         () = give_up => {
             let inputs = match pipeline.file.source {
+                SourceConfig::Mqtt { qos: 0, .. } => {
+                    "their inputs, and those read but not yet processed, are lost (QoS 0)"
+                }
                 SourceConfig::Mqtt { .. } => {
                     "their inputs were not acknowledged, so a broker that keeps the session \
                      delivers them again"
@@ -193,7 +207,9 @@ async fn run(path: PathBuf, options: RunOptions) -> ExitCode {
                 _ => "they were not delivered",
             };
             say!("runnel: stopped without waiting longer for outputs under way: {inputs}");
-            return ExitCode::from(EXIT_FAILED);
+            // At once: a stage call still running would outlive the async
+            // runtime's shutdown and fail in it.
+            std::process::exit(EXIT_FAILED.into());
         }
     };
     match result {

@@ -455,9 +455,10 @@ impl Runner {
             tokio::select! {
                 biased;
                 () = &mut shutdown => {
-                    // Lines already read are processed, not dropped; then the
-                    // final flush below emits what windows hold.
-                    if let Some(batch) = source.take_pending() {
+                    // Inputs already read are processed, not dropped, a batch
+                    // at a time as ever; then the final flush below emits
+                    // what windows hold.
+                    while let Some(batch) = source.take_pending(batch_size) {
                         self.handle(source, batch, clock).await?;
                     }
                     tracing::info!("stopping: what was read is processed and delivered");

@@ -7,12 +7,31 @@ use std::time::{Duration, Instant};
 
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 
+/// Size of each of the segments rumqttd keeps messages in; it keeps
+/// `backlog_mb` worth of them per topic filter.
+const SEGMENT_BYTES: usize = 4 << 20;
+
+/// What the embedded broker takes, from its `[mqtt.NAME]` table.
+pub struct BrokerLimits {
+    /// Largest message a client may publish.
+    pub max_payload: usize,
+    /// Messages kept for a subscriber that reads slower than they come.
+    pub backlog_mb: usize,
+}
+
 /// Starts a broker listening on `listen` for MQTT 5 (`v5`) or MQTT 3.1.1,
 /// and returns once it accepts connections.
 ///
 /// One version only: rumqttd 0.20 forwards an MQTT 5 publish's properties
 /// to 3.1.1 subscribers as they are, and its 3.1.1 side panics writing them.
-pub fn start(listen: SocketAddr, v5: bool) -> Result<(), String> {
+///
+/// rumqttd keeps what was published in a log of bounded size per topic
+/// filter and has no way to slow a publisher down: when a subscriber
+/// (runnel's source) falls further behind than the backlog, the oldest
+/// messages are dropped for it, acknowledged to their publishers or not.
+/// rumqttd logs each such drop as a warning ("Read cursor start jumped"),
+/// which runnel's log shows.
+pub fn start(listen: SocketAddr, v5: bool, limits: &BrokerLimits) -> Result<(), String> {
     // rumqttd reports a taken port only in its own log, from its own thread;
     // binding first turns that into an error runnel can show.
     TcpListener::bind(listen)
@@ -28,7 +47,7 @@ pub fn start(listen: SocketAddr, v5: bool) -> Result<(), String> {
                 next_connection_delay_ms: 1,
                 connections: ConnectionSettings {
                     connection_timeout_ms: 60_000,
-                    max_payload_size: 1 << 20,
+                    max_payload_size: limits.max_payload,
                     max_inflight_count: 1000,
                     auth: None,
                     external_auth: None,
@@ -44,10 +63,10 @@ pub fn start(listen: SocketAddr, v5: bool) -> Result<(), String> {
             max_connections: 1000,
             max_outgoing_packet_count: 1000,
             // Messages sit in segments per topic filter until every
-            // subscriber has read them; a few small segments keep an idle
-            // gateway's memory low.
-            max_segment_size: 4 << 20,
-            max_segment_count: 4,
+            // subscriber has read them; segments are made as they fill, so
+            // an idle gateway holds one.
+            max_segment_size: SEGMENT_BYTES,
+            max_segment_count: (limits.backlog_mb << 20).div_ceil(SEGMENT_BYTES).max(1),
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),

@@ -57,6 +57,9 @@ pub struct ConnectionConfig {
     /// Largest message sent or received, in KiB.
     #[serde(default = "default_max_packet_kb")]
     pub max_packet_kb: usize,
+    /// Embedded broker only: MB of messages kept per topic filter for a
+    /// subscriber that falls behind.
+    pub backlog_mb: Option<Spanned<usize>>,
     /// Store-and-forward for this broker.
     pub spool: Option<SpoolConfig>,
 }
@@ -70,6 +73,10 @@ fn default_inflight() -> u16 {
 fn default_max_packet_kb() -> usize {
     1024
 }
+
+/// How far runnel's source may fall behind the embedded broker's
+/// publishers before the broker drops the oldest messages for it.
+pub const DEFAULT_BACKLOG_MB: usize = 64;
 
 /// MQTT protocol version: `"3.1.1"` (the default) or `"5"`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -176,6 +183,12 @@ impl ConnectionConfig {
                     "listen is for broker = \"embedded\"".into(),
                 ));
             }
+            if let Some(backlog) = &self.backlog_mb {
+                return Err(at(
+                    backlog.span(),
+                    "backlog_mb is for broker = \"embedded\"".into(),
+                ));
+            }
         } else {
             for listen in [&self.listen, &self.listen_v5].into_iter().flatten() {
                 listen.get_ref().parse::<SocketAddr>().map_err(|_| {
@@ -187,6 +200,9 @@ impl ConnectionConfig {
                         ),
                     )
                 })?;
+            }
+            if let Some(backlog) = self.backlog_mb.as_ref().filter(|b| *b.get_ref() == 0) {
+                return Err(at(backlog.span(), "backlog_mb must be above 0".into()));
             }
             if let (Some(_), Some(v5)) = (&self.listen, &self.listen_v5) {
                 return Err(at(
@@ -443,7 +459,14 @@ fn open_one(
             let listen: SocketAddr = listen
                 .parse()
                 .map_err(|_| format!("mqtt.{name}: bad {field} address"))?;
-            broker::start(listen, v5).map_err(|e| format!("mqtt.{name}: {e}"))?;
+            let limits = broker::BrokerLimits {
+                max_payload: config.max_packet_kb.saturating_mul(1024),
+                backlog_mb: config
+                    .backlog_mb
+                    .as_ref()
+                    .map_or(DEFAULT_BACKLOG_MB, |b| *b.get_ref()),
+            };
+            broker::start(listen, v5, &limits).map_err(|e| format!("mqtt.{name}: {e}"))?;
             let host = if listen.ip().is_unspecified() {
                 "127.0.0.1".to_string()
             } else {

@@ -167,10 +167,11 @@ impl Source for LinesSource {
                 self.done = true;
             }
         }
-        Ok(self.take_pending())
+        Ok(self.take_pending(max))
     }
 
-    fn take_pending(&mut self) -> Option<Batch> {
+    /// What was read is at most a batch already.
+    fn take_pending(&mut self, _max: usize) -> Option<Batch> {
         if self.pending.inputs() == 0 {
             return None;
         }

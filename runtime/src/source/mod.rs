@@ -166,9 +166,9 @@ pub trait Source: Send {
 
     fn clock(&self) -> Clock;
 
-    /// Inputs already read but not yet handed out, taken on a stop so the
-    /// runner processes them before it exits.
-    fn take_pending(&mut self) -> Option<Batch> {
+    /// Inputs already read but not yet handed out, at most `max`, taken on
+    /// a stop so the runner processes them before it exits.
+    fn take_pending(&mut self, _max: usize) -> Option<Batch> {
         None
     }
 

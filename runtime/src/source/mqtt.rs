@@ -176,9 +176,12 @@ impl Source for MqttSource {
         Clock::Wall
     }
 
-    fn take_pending(&mut self) -> Option<Batch> {
+    fn take_pending(&mut self, max: usize) -> Option<Batch> {
         let mut messages = Vec::new();
-        while let Ok(message) = self.inbound.try_recv() {
+        while messages.len() < max {
+            let Ok(message) = self.inbound.try_recv() else {
+                break;
+            };
             messages.push(message);
         }
         (!messages.is_empty()).then(|| self.batch_of(messages))
