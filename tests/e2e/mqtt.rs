@@ -689,6 +689,78 @@ topic = "up/{{key}}"
     assert_eq!(run.status, Some(0), "{}", run.stderr);
 }
 
+/// A `refuse-new` spool that fills: what it refused waits, and follows the
+/// spooled messages once the upstream is back, not between their chunks.
+#[test]
+fn outputs_a_full_spool_refused_follow_the_spooled_ones_in_order() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let local = free_port();
+    let upstream_port = free_port();
+    let text = format!(
+        r#"
+[mqtt.local]
+broker = "embedded"
+listen = "127.0.0.1:{local}"
+client_id = "runnel-full-local"
+
+[mqtt.upstream]
+broker = "mqtt://127.0.0.1:{upstream_port}"
+client_id = "runnel-full-upstream"
+[mqtt.upstream.spool]
+path = "spool"
+max_mb = 1
+when_full = "refuse-new"
+
+[source]
+type = "mqtt"
+connection = "local"
+topics = ["sensors/+/telemetry"]
+key = "sensors/{{key}}/telemetry"
+
+[[stage]]
+name = "faults"
+wasm = {:?}
+
+[sink]
+type = "mqtt"
+connection = "upstream"
+topic = "up/{{key}}"
+"#,
+        stage("faults").display().to_string()
+    );
+    std::fs::write(dir.path().join("p.toml"), text).expect("write pipeline");
+    // About 600 bytes each: the 1 MB spool is full after some 1,700.
+    let pad = "x".repeat(580);
+    let messages: Vec<(String, Vec<u8>)> = (0..2500)
+        .map(|n| {
+            (
+                "sensors/dev-1/telemetry".into(),
+                format!("{{\"n\":{n},\"pad\":\"{pad}\"}}").into_bytes(),
+            )
+        })
+        .collect();
+    let mut runnel = start(dir.path());
+    publish_all(local, &messages);
+    runnel.wait_for_log("spool full", DELIVERY);
+
+    let broker = Mosquitto::start(&dir.path().join("upstream"), upstream_port);
+    let collector = Collector::start(upstream_port, &["up/#"]);
+    let got = collector.wait_until(DELIVERY, |got| distinct(got).len() == 2500);
+    let run = runnel.stop();
+    drop(broker);
+    let mut first_seen = Vec::new();
+    let mut seen = BTreeSet::new();
+    for n in numbers(&got) {
+        if seen.insert(n) {
+            first_seen.push(n);
+        }
+    }
+    let out_of_order = first_seen.windows(2).find(|w| w[1] != w[0] + 1);
+    assert_eq!(out_of_order, None, "{}", run.stderr);
+    assert_eq!(first_seen.len(), 2500);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+}
+
 #[test]
 fn refused_credentials_stop_the_run_with_a_clear_error_and_no_password_in_the_log() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -145,6 +145,7 @@ impl Connection {
             max_packet: limits.max_packet,
             broker_max_packet: None,
             spool_logged: None,
+            spool_full_logged: false,
             gauges: gauges.clone(),
         };
         tokio::spawn(publisher.run(command_rx, note_rx));
@@ -508,6 +509,8 @@ struct Publisher {
     /// The broker's own limit, when it gave one.
     broker_max_packet: Option<usize>,
     spool_logged: Option<Instant>,
+    /// The spool's filling up was logged, and it has not drained since.
+    spool_full_logged: bool,
     gauges: Arc<Gauges>,
 }
 
@@ -590,7 +593,8 @@ impl Publisher {
                     let _ = done.send(Ok(outcome));
                     return;
                 }
-                Err(SpoolError::Full { .. }) => {} // waits in the queue, unacknowledged
+                // Waits in the queue, its input unacknowledged.
+                Err(SpoolError::Full { .. }) => self.log_spool_full(),
                 Err(err) => {
                     let _ = done.send(Err(err.to_string()));
                     return;
@@ -650,16 +654,39 @@ impl Publisher {
             .spool_logged
             .is_none_or(|at| at.elapsed() >= Duration::from_secs(5));
         if due {
+            let why = if self.connected {
+                "the spool is replaying: new messages go in behind it"
+            } else {
+                "broker out of reach: messages are spooled"
+            };
             tracing::warn!(
                 connection = %self.name,
                 spooled_messages = spool.count(),
                 spooled_kib = spool.bytes() / 1024,
                 max_mib = spool.max_mb(),
-                "broker out of reach: messages are spooled"
+                "{why}"
             );
             self.spool_logged = Some(Instant::now());
         }
         Ok(())
+    }
+
+    /// Once each time the spool fills: with `refuse-new`, outputs then wait
+    /// in memory and their inputs at their broker.
+    fn log_spool_full(&mut self) {
+        if self.spool_full_logged {
+            return;
+        }
+        self.spool_full_logged = true;
+        if let Some(spool) = &self.spool {
+            tracing::warn!(
+                connection = %self.name,
+                spooled_messages = spool.count(),
+                spooled_kib = spool.bytes() / 1024,
+                max_mib = spool.max_mb(),
+                "spool full: new outputs wait, and their inputs stay unacknowledged, until it drains"
+            );
+        }
     }
 
     fn note(&mut self, note: Note) {
@@ -727,9 +754,8 @@ impl Publisher {
         }
         // A spool replay is simply read again later.
         if self.replay.take().is_some() {
-            let batches = &self.batches;
-            let replayed = |p: &Pending| matches!(batches.get(&p.batch), Some(b) if matches!(b.waiter, Waiter::Spool { .. }));
-            self.queue.retain(|p| !replayed(p));
+            let queue = std::mem::take(&mut self.queue);
+            self.queue = queue.into_iter().filter(|p| !self.is_replayed(p)).collect();
             self.batches
                 .retain(|_, b| !matches!(b.waiter, Waiter::Spool { .. }));
         }
@@ -743,7 +769,9 @@ impl Publisher {
                     }
                 }
                 Err(err) => {
-                    if !matches!(err, SpoolError::Full { .. }) {
+                    if matches!(err, SpoolError::Full { .. }) {
+                        self.log_spool_full();
+                    } else {
                         tracing::error!(connection = %self.name, "{err}");
                     }
                     self.queue.extend(queued);
@@ -790,6 +818,7 @@ impl Publisher {
                     if let Err(err) = spool.commit(end, delivered) {
                         tracing::error!(connection = %self.name, "{err}");
                     } else if spool.is_empty() {
+                        self.spool_full_logged = false;
                         tracing::info!(connection = %self.name, "spool drained: every spooled message was delivered");
                     }
                 }
@@ -809,6 +838,12 @@ impl Publisher {
         }
         self.start_replay();
         while self.outstanding() < self.window {
+            // While the spool replays, what waits behind it (messages the
+            // full spool refused) waits for all of it, chunk after chunk:
+            // the spooled messages are older.
+            if self.replay.is_some() && self.queue.front().is_some_and(|p| !self.is_replayed(p)) {
+                break;
+            }
             let Some(p) = self.queue.pop_front() else {
                 break;
             };
@@ -825,6 +860,11 @@ impl Publisher {
             }
             self.unassigned.push_back(p);
         }
+    }
+
+    /// Whether a queued message comes from the spool.
+    fn is_replayed(&self, p: &Pending) -> bool {
+        matches!(self.batches.get(&p.batch), Some(b) if matches!(b.waiter, Waiter::Spool { .. }))
     }
 
     fn start_replay(&mut self) {
