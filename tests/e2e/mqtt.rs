@@ -1031,3 +1031,25 @@ fn a_broker_certificate_from_another_ca_stops_the_run_with_a_clear_error() {
         run.stderr
     );
 }
+
+#[test]
+fn a_broker_that_wants_a_client_certificate_stops_a_run_without_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_broker, tls_port) = tls_broker(dir.path());
+    tls_pipeline(dir.path(), tls_port, "ca");
+    let path = dir.path().join("p.toml");
+    let text = std::fs::read_to_string(&path).expect("pipeline");
+    let without: String = text
+        .lines()
+        .filter(|line| !line.starts_with("cert_file") && !line.starts_with("key_file"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    std::fs::write(&path, without).expect("write pipeline");
+    let run = Background::start(Path::new(BIN), dir.path(), &["run", "p.toml"], &[]).finish();
+    assert_eq!(run.status, Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("CertificateRequired") && run.stderr.contains("cert_file"),
+        "{}",
+        run.stderr
+    );
+}

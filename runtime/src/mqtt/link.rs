@@ -436,10 +436,7 @@ fn error_v4(err: rumqttc::ConnectionError) -> LinkError {
         err,
         E::ConnectionRefused(C::BadUserNamePassword | C::NotAuthorized | C::BadClientId)
     ) || matches!(&err, E::Tls(tls) if tls_is_fatal(tls));
-    LinkError {
-        message: describe(&err),
-        fatal,
-    }
+    link_error(&err, fatal, certificate_alert(&err))
 }
 
 fn error_v5(err: m5::ConnectionError) -> LinkError {
@@ -456,10 +453,54 @@ fn error_v5(err: m5::ConnectionError) -> LinkError {
                 | C::BadAuthenticationMethod
         )
     ) || matches!(&err, E::Tls(tls) if tls_is_fatal(tls));
-    LinkError {
-        message: describe(&err),
-        fatal,
+    link_error(&err, fatal, certificate_alert(&err))
+}
+
+fn link_error(err: &dyn std::error::Error, fatal: bool, certificate_alert: bool) -> LinkError {
+    let mut message = describe(err);
+    if certificate_alert {
+        message.push_str(
+            ": the broker refused the TLS session over a certificate (does it want a client \
+             certificate? cert_file and key_file give one)",
+        );
     }
+    LinkError {
+        message,
+        fatal: fatal || certificate_alert,
+    }
+}
+
+/// The broker ended the TLS session with an alert about certificates: with
+/// TLS 1.3 that comes after the handshake, as an I/O error somewhere down
+/// the error's causes, and the same files will meet it again.
+fn certificate_alert(err: &(dyn std::error::Error + 'static)) -> bool {
+    use rustls::AlertDescription as A;
+    let mut next = Some(err);
+    while let Some(cause) = next {
+        let tls = cause.downcast_ref::<rustls::Error>().or_else(|| {
+            cause
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if matches!(
+            tls,
+            Some(rustls::Error::AlertReceived(
+                A::CertificateRequired
+                    | A::BadCertificate
+                    | A::UnsupportedCertificate
+                    | A::CertificateRevoked
+                    | A::CertificateExpired
+                    | A::CertificateUnknown
+                    | A::UnknownCA
+                    | A::AccessDenied
+            ))
+        ) {
+            return true;
+        }
+        next = cause.source();
+    }
+    false
 }
 
 /// A TLS failure other than I/O is a matter of certificates and names:

@@ -261,6 +261,22 @@ impl ConnectionConfig {
                 ));
             }
         }
+        if let Some(file) = &self.cert_file {
+            let path = base_dir.join(file.get_ref());
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if let Some(version @ 1..=2) = first_certificate_version(&text) {
+                return Err(at(
+                    file.span(),
+                    format!(
+                        "{} is an X.509 v{version} certificate, and TLS here (rustls) takes \
+                         only v3 as a client certificate: issue it again with extensions, \
+                         e.g. openssl x509 -req ... -extfile FILE, FILE holding \
+                         extendedKeyUsage = clientAuth",
+                        path.display()
+                    ),
+                ));
+            }
+        }
         if self.cert_file.is_some() != self.key_file.is_some() {
             let span = self
                 .cert_file
@@ -299,6 +315,44 @@ impl ConnectionConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// The X.509 version (1 to 3) of the first certificate in PEM text; `None`
+/// when there is none or it cannot be read, which the TLS library reports.
+fn first_certificate_version(pem: &str) -> Option<u8> {
+    use base64::Engine as _;
+    let body = pem
+        .split("-----BEGIN CERTIFICATE-----")
+        .nth(1)?
+        .split("-----END CERTIFICATE-----")
+        .next()?;
+    let body: String = body.split_whitespace().collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .ok()?;
+    // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version
+    // (absent for v1) ... } ... }: skip two SEQUENCE headers.
+    let mut rest = der.as_slice();
+    for _ in 0..2 {
+        let (&tag, after) = rest.split_first()?;
+        if tag != 0x30 {
+            return None;
+        }
+        let (&len, after) = after.split_first()?;
+        // A long-form length: its first byte counts the bytes that follow.
+        let skip = if len & 0x80 == 0 {
+            0
+        } else {
+            usize::from(len & 0x7f)
+        };
+        rest = after.get(skip..)?;
+    }
+    match rest {
+        // [0] EXPLICIT INTEGER: version number minus one.
+        [0xa0, 0x03, 0x02, 0x01, v, ..] => Some(v + 1),
+        [0xa0, ..] => None,
+        _ => Some(1),
     }
 }
 
