@@ -257,7 +257,97 @@ impl Pipeline {
         if let SourceConfig::Lambda { event } = self.file.source {
             warnings.extend(self.lambda_warnings(event));
         }
+        warnings.extend(self.mqtt_warnings());
         warnings
+    }
+
+    /// A key pattern no subscribed topic fits, and a sink template whose
+    /// topics the source subscribes to on the same connection.
+    fn mqtt_warnings(&self) -> Vec<String> {
+        use crate::mqtt::{filter_matches, KeyPattern, TopicTemplate};
+        let SourceConfig::Mqtt {
+            connection: from,
+            topics,
+            key,
+            ..
+        } = &self.file.source
+        else {
+            return Vec::new();
+        };
+        let mut warnings = Vec::new();
+        let file = self.path.display();
+        // A topic each filter takes, its wildcards filled in.
+        let samples: Vec<String> = topics
+            .iter()
+            .map(|filter| {
+                let inner = match filter.strip_prefix("$share/") {
+                    Some(rest) => rest.split_once('/').map_or(rest, |(_, f)| f),
+                    None => filter,
+                };
+                inner.replace('+', "x").replace('#', "x")
+            })
+            .collect();
+        if let Some(pattern) = key.as_deref().and_then(|k| KeyPattern::parse(k).ok()) {
+            if samples.iter().all(|topic| pattern.key_of(topic).is_none()) {
+                warnings.push(format!(
+                    "{file}: [source] key = \"{}\" fits none of its topics ({}): no record \
+                     gets a key",
+                    key.as_deref().unwrap_or_default(),
+                    topics.join(", ")
+                ));
+            }
+        }
+        if let SinkConfig::Mqtt {
+            connection: to,
+            topic: Some(template),
+            ..
+        } = &self.file.sink
+        {
+            let parsed = TopicTemplate::parse(template).ok();
+            let feeds_back = samples.iter().find_map(|sample| {
+                let mut record = crate::Record::new(Vec::new());
+                record.key = Some("x".into());
+                record.topic = Some(sample.clone());
+                let out = parsed.as_ref()?.render(&record).ok()?;
+                topics
+                    .iter()
+                    .any(|filter| filter_matches(filter, &out))
+                    .then_some(out)
+            });
+            if let (true, Some(out)) = (from == to, feeds_back) {
+                warnings.push(format!(
+                    "{file}: [sink] topic = \"{template}\" makes topics such as `{out}`, which \
+                     the source subscribes to ({}) on the same connection: each output comes \
+                     back as an input, again and again",
+                    topics.join(", ")
+                ));
+            }
+        }
+        warnings
+    }
+
+    /// Environment variables the MQTT connections name that are not set
+    /// here: `run` stops on them.
+    pub fn missing_env(&self) -> Vec<String> {
+        let mut missing = Vec::new();
+        for (name, connection) in &self.file.mqtt {
+            let vars = [
+                ("username_env", &connection.username_env),
+                ("password_env", &connection.password_env),
+            ];
+            for (field, var) in vars {
+                let Some(var) = var else { continue };
+                if std::env::var_os(var.get_ref()).is_none() {
+                    missing.push(format!(
+                        "{}: mqtt.{name}: {field} names the environment variable {}, which is \
+                         not set",
+                        self.path.display(),
+                        var.get_ref()
+                    ));
+                }
+            }
+        }
+        missing
     }
 
     fn lambda_warnings(&self, event: crate::lambda::EventShape) -> Vec<String> {
@@ -651,6 +741,36 @@ mod tests {
         let elsewhere =
             Pipeline::parse(Path::new("p.toml"), text("topic = \"out/{key}\"\n")).expect("valid");
         assert_eq!(elsewhere.warnings(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_key_pattern_no_topic_fits_and_a_template_that_loops_are_warned_of() {
+        let text = |key: &str, sink_topic: &str| {
+            format!(
+                "[mqtt.local]\nbroker = \"mqtt://127.0.0.1:1883\"\n\
+                 [source]\ntype = \"mqtt\"\ntopics = [\"loop/+/data\"]\nkey = \"{key}\"\n\
+                 [sink]\ntype = \"mqtt\"\ntopic = \"{sink_topic}\"\n"
+            )
+        };
+        let parse =
+            |key, topic| Pipeline::parse(Path::new("p.toml"), text(key, topic)).expect("valid");
+        let warnings = parse("other/{key}/x", "out/{key}").warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("fits none of its topics (loop/+/data)"),
+            "{}",
+            warnings[0]
+        );
+        let warnings = parse("loop/{key}/data", "loop/out/{topic}").warnings();
+        assert_eq!(warnings.len(), 0, "{warnings:?}");
+        let warnings = parse("loop/{key}/data", "loop/{key}/data").warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("such as `loop/x/data`"),
+            "{}",
+            warnings[0]
+        );
+        assert!(parse("loop/{key}/data", "out/{key}").warnings().is_empty());
     }
 
     #[test]

@@ -177,6 +177,11 @@ async fn run(path: PathBuf, options: RunOptions) -> ExitCode {
         Ok(pipeline) => pipeline,
         Err(code) => return code,
     };
+    // A setting the service lacks: starting again cannot help.
+    if let Some(missing) = pipeline.missing_env().first() {
+        say!("runnel: {missing}");
+        return ExitCode::from(EXIT_INVALID);
+    }
     let shutdown = {
         let mut stops = stops.clone();
         async move { stop_requested(&mut stops, 1).await }
@@ -247,6 +252,10 @@ fn check(path: PathBuf) -> ExitCode {
     };
     for warning in pipeline.warnings() {
         say!("runnel: warning: {warning}");
+    }
+    // The service's environment may differ from this shell's.
+    for missing in pipeline.missing_env() {
+        say!("runnel: warning: {missing} here; run stops unless its environment sets it");
     }
     // What `run` would fail on at once, for a service that would else
     // restart over it: files it cannot write.

@@ -43,17 +43,24 @@ fn dead_letter_sink(pipeline: &Pipeline) -> std::borrow::Cow<'_, SinkConfig> {
     }
 }
 
-/// The files a run of `pipeline` appends to: its file sink and its dead
-/// letter (a file unless the pipeline says otherwise).
+/// The files a run of `pipeline` appends to: its file sink, its dead
+/// letter (a file unless the pipeline says otherwise), and each MQTT
+/// connection's spool.
 pub fn output_files(pipeline: &Pipeline) -> Vec<std::path::PathBuf> {
     let dead = dead_letter_sink(pipeline);
-    [&pipeline.file.sink, dead.as_ref()]
+    let sinks = [&pipeline.file.sink, dead.as_ref()]
         .into_iter()
         .filter_map(|sink| match sink {
             SinkConfig::File { path, .. } => Some(pipeline.resolve(path)),
             _ => None,
-        })
-        .collect()
+        });
+    let spools = pipeline
+        .file
+        .mqtt
+        .values()
+        .filter_map(|connection| connection.spool.as_ref())
+        .map(|spool| pipeline.resolve(&spool.path).join(crate::mqtt::SPOOL_FILE));
+    sinks.chain(spools).collect()
 }
 
 /// Whether this process may append to `path`, as a run would (making its

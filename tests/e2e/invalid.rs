@@ -138,3 +138,65 @@ fn check_fails_on_an_output_file_it_cannot_write() {
     assert_eq!(run.status, Some(0), "{}", run.stderr);
     assert!(!dir.path().join("dl").exists(), "check left its probe");
 }
+
+/// A spool folder `run` could not make fails `check`; a credential variable
+/// the shell lacks is a warning for `check` and stops `run` with exit 2, so
+/// a service is not restarted over it.
+#[test]
+fn check_fails_on_a_spool_it_cannot_make_and_run_on_a_missing_credential() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("blocker"), "a file, not a folder").expect("blocker");
+    let pipeline = |spool: &str| {
+        format!(
+            "[mqtt.up]\nbroker = \"mqtt://127.0.0.1:1\"\nusername_env = \"RUNNEL_TEST_NO_SUCH_USER\"\n\
+             [mqtt.up.spool]\npath = \"{spool}\"\nwhen_full = \"refuse-new\"\n\
+             [source]\ntype = \"stdin\"\n[sink]\ntype = \"mqtt\"\ntopic = \"out/{{key}}\"\n"
+        )
+    };
+    std::fs::write(dir.path().join("bad.toml"), pipeline("blocker")).expect("write");
+    let run = run_binary_with(
+        Path::new(BIN),
+        dir.path(),
+        &["check", "bad.toml"],
+        b"",
+        QUIET,
+    );
+    assert_eq!(run.status, Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("bad.toml: cannot create the folder of blocker/spool.jsonl"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("RUNNEL_TEST_NO_SUCH_USER, which is not set here"),
+        "{}",
+        run.stderr
+    );
+    std::fs::write(dir.path().join("good.toml"), pipeline("spool")).expect("write");
+    let run = run_binary_with(
+        Path::new(BIN),
+        dir.path(),
+        &["check", "good.toml"],
+        b"",
+        QUIET,
+    );
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert!(!dir.path().join("spool").exists(), "check left its probe");
+    let run = run_binary_with(
+        Path::new(BIN),
+        dir.path(),
+        &["run", "good.toml"],
+        b"",
+        QUIET,
+    );
+    assert_eq!(run.status, Some(2), "{}", run.stderr);
+    assert!(
+        run.stderr.contains(
+            "mqtt.up: username_env names the environment variable RUNNEL_TEST_NO_SUCH_USER"
+        ),
+        "{}",
+        run.stderr
+    );
+}

@@ -19,7 +19,7 @@ use toml::Spanned;
 
 pub use conn::{Connection, Gauges, Inbound, Subscription};
 pub use link::{publish_size, Delivery, Message, Outbound};
-pub use spool::{SpoolConfig, WhenFull};
+pub use spool::{SpoolConfig, WhenFull, SPOOL_FILE};
 pub use topic::{check_filter, filter_matches, KeyPattern, TopicTemplate};
 
 /// Default listener of the embedded broker.

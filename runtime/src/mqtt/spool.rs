@@ -53,6 +53,9 @@ pub enum SpoolError {
     Full { max_mb: u64 },
 }
 
+/// The file in a spool's folder that holds the messages.
+pub const SPOOL_FILE: &str = "spool.jsonl";
+
 pub struct Spool {
     dir: PathBuf,
     file: File,
@@ -81,7 +84,7 @@ impl Spool {
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let data = dir.join("spool.jsonl");
+        let data = dir.join(SPOOL_FILE);
         let mut file = OpenOptions::new()
             .create(true)
             .read(true)
