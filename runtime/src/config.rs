@@ -284,7 +284,7 @@ impl Pipeline {
                     Some(rest) => rest.split_once('/').map_or(rest, |(_, f)| f),
                     None => filter,
                 };
-                inner.replace('+', "x").replace('#', "x")
+                inner.replace(['+', '#'], "x")
             })
             .collect();
         if let Some(pattern) = key.as_deref().and_then(|k| KeyPattern::parse(k).ok()) {
