@@ -193,9 +193,13 @@ impl Slot {
         let mut last = first;
         for i in 0..batch.len() {
             if failures_in_a_row >= MAX_FAILURES_IN_A_ROW {
-                // The stage fails on everything: the rest share the last
-                // reason rather than each waiting out a deadline.
-                self.dead_letter_from(&last, batch, i, dead_letters);
+                // The stage fails on everything: the rest are not run, rather
+                // than each waiting out a deadline, and their reason says so.
+                let reason = format!(
+                    "not run: the stage failed on the {MAX_FAILURES_IN_A_ROW} records before \
+                     it in a row, last with: {last}"
+                );
+                dead_letters.push(self.dead_letter(reason, batch.record(i), batch.origins[i]));
                 continue;
             }
             match self.call(&batch.single(i), next, dead_letters) {
@@ -262,6 +266,17 @@ impl Slot {
         }
         self.stats.busy += started.elapsed();
         if let Err(err) = &result {
+            if matches!(err, CallError::Timeout(_)) && batch.len() > 1 {
+                // A deadline is per call: a slow stage, rather than a stuck
+                // one, meets it only on full batches, as after a backlog.
+                tracing::warn!(
+                    stage = self.stage.name(),
+                    records = batch.len(),
+                    "the deadline is for a whole call, here of {} records: if the stage is \
+                     slow rather than stuck, raise its timeout_ms or lower batch_size",
+                    batch.len()
+                );
+            }
             self.fail(err);
         }
         result

@@ -202,9 +202,16 @@ fn a_stage_that_fails_on_everything_does_not_wait_out_every_deadline() {
     assert_eq!(run.status, Some(0), "{}", run.stderr);
     let dead = dead_reasons(dir.path());
     assert_eq!(dead.len(), 12, "every record accounted for");
-    assert!(dead
-        .iter()
-        .all(|(_, reason)| reason.starts_with("timed out")));
+    // In each batch three are run one by one and time out; the rest are not
+    // run, and their reason says so rather than claiming they timed out.
+    let not_run = "not run: the stage failed on the 3 records before it in a row, last with: \
+                   timed out";
+    assert!(
+        dead.iter()
+            .all(|(_, r)| r.starts_with("timed out") || r.starts_with(not_run)),
+        "{dead:?}"
+    );
+    assert!(dead.iter().any(|(_, r)| r.starts_with(not_run)), "{dead:?}");
     assert_counts_add_up(&run, 12);
 }
 
