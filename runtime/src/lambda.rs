@@ -74,10 +74,11 @@ pub async fn serve(pipeline_path: &std::path::Path, options: &RunOptions) -> any
     let prepared = async {
         let pipeline = Pipeline::load(pipeline_path)?;
         let SourceConfig::Lambda { event } = pipeline.file.source else {
-            anyhow::bail!(
-                "{}: runnel lambda needs [source] type = \"lambda\"",
-                pipeline_path.display()
-            );
+            return Err(crate::config::ConfigError::Parse {
+                path: pipeline_path.to_owned(),
+                message: "runnel lambda needs [source] type = \"lambda\"".into(),
+            }
+            .into());
         };
         for warning in pipeline.warnings() {
             tracing::warn!("{warning}");
@@ -96,7 +97,7 @@ pub async fn serve(pipeline_path: &std::path::Path, options: &RunOptions) -> any
     let (shape, runner) = match prepared {
         Ok(ready) => ready,
         Err(err) => {
-            let message = format!("{err:#}");
+            let message = crate::error_text(&err);
             tracing::error!("cannot start: {message}");
             report_init_error(&message).await;
             return Err(err);
@@ -180,7 +181,7 @@ impl From<InvokeError> for Diagnostic {
         };
         Diagnostic {
             error_type: format!("Runnel.{kind}"),
-            error_message: format!("{err:#}"),
+            error_message: crate::error_text(&err),
         }
     }
 }
@@ -216,8 +217,9 @@ async fn invoke(
         Ok(decoded) => decoded,
         // The caller of an HTTP endpoint gets the reason, as a client error.
         Err(err) if shape == EventShape::Http => {
-            tracing::warn!("request refused: {err:#}");
-            return to_answer(&http_error(400, &format!("{err:#}")));
+            let reason = crate::error_text(&err);
+            tracing::warn!("request refused: {reason}");
+            return to_answer(&http_error(400, &reason));
         }
         Err(err) => return Err(InvokeError::InvalidEvent(err)),
     };

@@ -38,3 +38,21 @@ pub use wasm::Record;
 pub(crate) fn ms_since(start: std::time::Instant) -> f64 {
     (start.elapsed().as_secs_f64() * 1e4).round() / 10.0
 }
+
+/// An error and its causes on one line, each said once: errors that name
+/// their cause in their own text (`cannot read X: E`) would else show it
+/// twice.
+pub fn error_text(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
+}

@@ -9,7 +9,7 @@ use tracing_subscriber::EnvFilter;
 use runnel::config::{ConfigError, Pipeline};
 use runnel::run::{engine_for, start_chain};
 use runnel::source::SourceConfig;
-use runnel::RunOptions;
+use runnel::{error_text, RunOptions};
 
 /// A line to stderr. `eprintln!` panics when stderr is gone (a pipe whose
 /// reader quit, as in `runnel run p.toml 2>&1 | head`); the line is lost
@@ -177,6 +177,13 @@ async fn run(path: PathBuf, options: RunOptions) -> ExitCode {
         Ok(pipeline) => pipeline,
         Err(code) => return code,
     };
+    if matches!(pipeline.file.source, SourceConfig::Lambda { .. }) {
+        say!(
+            "runnel: {}: a lambda source takes Lambda invocations: run it with `runnel lambda`",
+            pipeline.path.display()
+        );
+        return ExitCode::from(EXIT_INVALID);
+    }
     // A setting the service lacks: starting again cannot help.
     if let Some(missing) = pipeline.missing_env().first() {
         say!("runnel: {missing}");
@@ -328,21 +335,4 @@ async fn stop_requested(count: &mut watch::Receiver<u32>, times: u32) {
         // No signal can come any more.
         std::future::pending::<()>().await;
     }
-}
-
-/// The error and its causes, "a: b: c", leaving out a cause whose text the
-/// message already holds (an I/O error its context quotes).
-fn error_text(err: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in err.chain() {
-        let cause = cause.to_string();
-        if text.contains(&cause) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&cause);
-    }
-    text
 }

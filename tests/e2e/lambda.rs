@@ -305,7 +305,9 @@ fn run_refuses_a_lambda_pipeline() {
     let dir = tempfile::tempdir().expect("temp dir");
     pipeline(dir.path());
     let run = Background::start(Path::new(BIN), dir.path(), &["run", "p.toml"], &[]).finish();
-    assert_eq!(run.status, Some(1), "{}", run.stderr);
+    assert_eq!(run.status, Some(2), "{}", run.stderr);
+    // Said before any stage is loaded.
+    assert!(!run.stderr.contains("stage loaded"), "{}", run.stderr);
     assert!(
         run.stderr.contains("run it with `runnel lambda`"),
         "{}",
