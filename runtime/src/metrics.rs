@@ -178,8 +178,17 @@ impl Metrics {
                 |g| g.spooled_bytes.load(Ordering::Relaxed),
             ),
         ];
-        for (name, help, figure) in per_connection {
-            header(&mut out, name, help, "gauge");
+        let dropped: (&str, &str, Gauge) = (
+            "runnel_mqtt_spool_dropped_total",
+            "Messages a drop-oldest spool dropped to make room.",
+            |g| g.spool_dropped.load(Ordering::Relaxed),
+        );
+        let per_connection = per_connection
+            .into_iter()
+            .map(|figure| (figure, "gauge"))
+            .chain([(dropped, "counter")]);
+        for ((name, help, figure), kind) in per_connection {
+            header(&mut out, name, help, kind);
             for (connection, role, c) in &self.connections {
                 let _ = writeln!(
                     out,

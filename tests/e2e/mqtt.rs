@@ -689,13 +689,15 @@ topic = "up/{{key}}"
     assert_eq!(run.status, Some(0), "{}", run.stderr);
 }
 
-/// A `refuse-new` spool that fills: what it refused waits, and follows the
-/// spooled messages once the upstream is back, not between their chunks.
-#[test]
-fn outputs_a_full_spool_refused_follow_the_spooled_ones_in_order() {
+/// 2,500 outputs of about 600 bytes for an upstream that is down, through
+/// a 1 MB spool with `when_full`; then the upstream comes back. Returns the
+/// numbers it received, each at its first arrival, the runnel log, and the
+/// spool's dropped-messages count from the metrics once all were delivered.
+fn fill_the_spool(when_full: &str) -> (Vec<u64>, String, Option<f64>) {
     let dir = tempfile::tempdir().expect("temp dir");
     let local = free_port();
     let upstream_port = free_port();
+    let metrics_port = free_port();
     let text = format!(
         r#"
 [mqtt.local]
@@ -709,7 +711,10 @@ client_id = "runnel-full-upstream"
 [mqtt.upstream.spool]
 path = "spool"
 max_mb = 1
-when_full = "refuse-new"
+when_full = "{when_full}"
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
 
 [source]
 type = "mqtt"
@@ -741,11 +746,18 @@ topic = "up/{{key}}"
         .collect();
     let mut runnel = start(dir.path());
     publish_all(local, &messages);
-    runnel.wait_for_log("spool full", DELIVERY);
+    let full = if when_full == "refuse-new" {
+        "spool full"
+    } else {
+        "dropped the oldest"
+    };
+    runnel.wait_for_log(full, DELIVERY);
 
     let broker = Mosquitto::start(&dir.path().join("upstream"), upstream_port);
     let collector = Collector::start(upstream_port, &["up/#"]);
-    let got = collector.wait_until(DELIVERY, |got| distinct(got).len() == 2500);
+    let got = collector.wait_until(DELIVERY, |got| distinct(got).contains(&2499));
+    runnel.wait_for_log("spool drained", Duration::from_secs(10));
+    let figures = scrape(metrics_port);
     let run = runnel.stop();
     drop(broker);
     let mut first_seen = Vec::new();
@@ -755,10 +767,36 @@ topic = "up/{{key}}"
             first_seen.push(n);
         }
     }
-    let out_of_order = first_seen.windows(2).find(|w| w[1] != w[0] + 1);
-    assert_eq!(out_of_order, None, "{}", run.stderr);
-    assert_eq!(first_seen.len(), 2500);
+    let dropped = metric(
+        &figures,
+        "runnel_mqtt_spool_dropped_total{pipeline=\"pipeline\",connection=\"upstream\",role=\"publish\"}",
+    );
     assert_eq!(run.status, Some(0), "{}", run.stderr);
+    (first_seen, run.stderr, dropped)
+}
+
+/// A `refuse-new` spool that fills: what it refused waits, and follows the
+/// spooled messages once the upstream is back, not between their chunks.
+#[test]
+fn outputs_a_full_spool_refused_follow_the_spooled_ones_in_order() {
+    let (got, log, dropped) = fill_the_spool("refuse-new");
+    let out_of_order = got.windows(2).find(|w| w[1] != w[0] + 1);
+    assert_eq!(out_of_order, None, "{log}");
+    assert_eq!(got.len(), 2500, "{log}");
+    assert_eq!(dropped, Some(0.0));
+}
+
+/// A `drop-oldest` spool that fills keeps the newest, in order, and counts
+/// what it dropped in the log and the metrics.
+#[test]
+fn a_full_drop_oldest_spool_keeps_the_newest_and_counts_the_rest() {
+    let (got, log, dropped) = fill_the_spool("drop-oldest");
+    let out_of_order = got.windows(2).find(|w| w[1] <= w[0]);
+    assert_eq!(out_of_order, None, "{log}");
+    assert_eq!(got.last(), Some(&2499), "{log}");
+    let lost = 2500 - got.len();
+    assert!(lost > 0, "nothing was dropped: {log}");
+    assert_eq!(dropped, Some(lost as f64), "{log}");
 }
 
 #[test]

@@ -78,6 +78,8 @@ pub struct Gauges {
     pub connected: AtomicBool,
     pub spooled_messages: AtomicU64,
     pub spooled_bytes: AtomicU64,
+    /// Messages a `drop-oldest` spool dropped to make room, since the start.
+    pub spool_dropped: AtomicU64,
 }
 
 /// How much a connection's publisher takes at once.
@@ -552,6 +554,8 @@ impl Publisher {
             .map_or((0, 0), |s| (s.count(), s.bytes()));
         gauges.spooled_messages.store(messages, Ordering::Relaxed);
         gauges.spooled_bytes.store(bytes, Ordering::Relaxed);
+        let dropped = self.spool.as_ref().map_or(0, |s| s.dropped);
+        gauges.spool_dropped.store(dropped, Ordering::Relaxed);
     }
 
     fn spooling(&self) -> bool {
