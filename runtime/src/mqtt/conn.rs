@@ -281,17 +281,25 @@ struct Poller {
     closing: Arc<AtomicBool>,
 }
 
+/// A connection that lasts this long was not refused or taken over.
+const STABLE_CONNECTION: Duration = Duration::from_secs(5);
+
 impl Poller {
     async fn run(mut self) {
         let mut backoff = Backoff::new();
         let mut ever_connected = false;
+        // When the last connection opened, and how many in a row closed
+        // soon after: a broker closes the older of two connections with one
+        // client id, and two clients sharing one take turns for good.
+        let mut connected_at: Option<Instant> = None;
+        let mut quick_drops = 0u32;
         loop {
             match self.link.poll().await {
                 Ok(LinkEvent::Connected {
                     session_present,
                     broker_max_packet,
                 }) => {
-                    backoff.reset();
+                    connected_at = Some(Instant::now());
                     tracing::info!(
                         connection = %self.name,
                         broker = %self.url,
@@ -343,11 +351,26 @@ impl Poller {
                         tracing::debug!(connection = %self.name, "disconnected: {}", err.message);
                         return;
                     }
-                    let reason =
+                    let mut reason =
                         format!("connection `{}` ({}): {}", self.name, self.url, err.message);
                     if err.fatal {
                         self.fail(reason);
                         return;
+                    }
+                    // Backing off again only after a connection that held.
+                    match connected_at.take().map(|at| at.elapsed()) {
+                        Some(lasted) if lasted < STABLE_CONNECTION => quick_drops += 1,
+                        Some(_) => {
+                            quick_drops = 0;
+                            backoff.reset();
+                        }
+                        None => {}
+                    }
+                    if quick_drops >= 3 {
+                        reason.push_str(
+                            " (closed soon after connecting, again and again: does another \
+                             client use this connection's client_id?)",
+                        );
                     }
                     let delay = backoff.next();
                     tracing::warn!(
