@@ -411,6 +411,11 @@ fn batch_len(event: &str) -> Option<usize> {
         .map(|records| records.len())
 }
 
+/// The header that carries what the event source calls a record (SQS
+/// message id, Kinesis sequence number, Kafka `partition@offset`): the id
+/// `batchItemFailures` names, so a dead letter can be matched to it.
+const ITEM_ID_HEADER: &str = "lambda.item-id";
+
 /// Records, and per record what the event source calls it (message id,
 /// sequence number), for partial batch failures.
 type Decoded = (Vec<Record>, Vec<String>);
@@ -503,8 +508,9 @@ fn sqs(event: SqsEvent) -> Decoded {
                 })
                 .collect();
             headers.sort();
-            record.headers = headers;
             let id = message.message_id.unwrap_or_else(|| i.to_string());
+            headers.push((ITEM_ID_HEADER.into(), id.clone()));
+            record.headers = headers;
             (record, id)
         })
         .unzip()
@@ -582,7 +588,9 @@ fn kinesis(event: KinesisEvent, arrivals: &[Option<i64>]) -> Decoded {
             record.key = Some(r.kinesis.partition_key);
             record.topic = arn_name(r.event_source_arn.as_deref());
             record.timestamp = arrivals.get(i).copied().flatten();
-            (record, r.kinesis.sequence_number)
+            let id = r.kinesis.sequence_number;
+            record.headers = vec![(ITEM_ID_HEADER.into(), id.clone())];
+            (record, id)
         })
         .unzip()
 }
@@ -621,6 +629,7 @@ fn kafka(event: KafkaEvent, times: &Times) -> anyhow::Result<Decoded> {
                     (name.clone(), String::from_utf8_lossy(&bytes).into_owned())
                 })
                 .collect();
+            record.headers.push((ITEM_ID_HEADER.into(), id.clone()));
             records.push(record);
             ids.push(id);
         }
@@ -1091,7 +1100,11 @@ mod tests {
             records[0].headers,
             [
                 ("sig".to_string(), "AQID".to_string()),
-                ("site".into(), "plant-a".into())
+                ("site".into(), "plant-a".into()),
+                (
+                    ITEM_ID_HEADER.into(),
+                    "059f36b4-87a3-44ab-83d2-661975830a7d".into()
+                )
             ]
         );
     }
@@ -1208,12 +1221,13 @@ mod tests {
         // "café" as AWS writes it (signed) and as unsigned bytes.
         first[0]["headers"] =
             json!([{"signed": [99, 97, 102, -61, -87]}, {"unsigned": [99, 97, 102, 195, 169]}]);
-        let (records, _) = decode(EventShape::Kafka, event).expect("kafka");
+        let (records, ids) = decode(EventShape::Kafka, event).expect("kafka");
         assert_eq!(
             records[0].headers,
             [
                 ("signed".to_string(), "café".to_string()),
-                ("unsigned".into(), "café".into())
+                ("unsigned".into(), "café".into()),
+                (ITEM_ID_HEADER.into(), ids[0].clone())
             ]
         );
     }

@@ -159,6 +159,12 @@ fn every_event_shape_gets_the_answer_lambda_expects() {
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0]["stage"], "validate");
     assert_eq!(dead[0]["record"]["topic"], "sensor-readings");
+    // The dead letter names the message as batchItemFailures does.
+    assert_eq!(
+        dead[0]["record"]["headers"]["lambda.item-id"], "2e1424d4-f796-459a-8184-9c92662be6da",
+        "{}",
+        dead[0]
+    );
 
     // Kinesis: the same, by sequence number.
     let answer = emulator.invoke(&event("kinesis.json")).expect("kinesis");
