@@ -276,19 +276,21 @@ impl Pipeline {
         };
         let mut warnings = Vec::new();
         let file = self.path.display();
-        // A topic each filter takes, its wildcards filled in.
-        let samples: Vec<String> = topics
+        let filters: Vec<&str> = topics
             .iter()
-            .map(|filter| {
-                let inner = match filter.strip_prefix("$share/") {
-                    Some(rest) => rest.split_once('/').map_or(rest, |(_, f)| f),
-                    None => filter,
-                };
-                inner.replace(['+', '#'], "x")
+            .map(|filter| match filter.strip_prefix("$share/") {
+                Some(rest) => rest.split_once('/').map_or(rest, |(_, f)| f),
+                None => filter,
             })
             .collect();
+        // A topic each filter takes, its wildcards filled with a level no
+        // real topic is likely to hold.
+        let samples: Vec<String> = filters
+            .iter()
+            .map(|filter| filter.replace(['+', '#'], "runnel-sample"))
+            .collect();
         if let Some(pattern) = key.as_deref().and_then(|k| KeyPattern::parse(k).ok()) {
-            if samples.iter().all(|topic| pattern.key_of(topic).is_none()) {
+            if !filters.iter().any(|filter| pattern.could_fit(filter)) {
                 warnings.push(format!(
                     "{file}: [source] key = \"{}\" fits none of its topics ({}): no record \
                      gets a key",
@@ -306,7 +308,7 @@ impl Pipeline {
             let parsed = TopicTemplate::parse(template).ok();
             let feeds_back = samples.iter().find_map(|sample| {
                 let mut record = crate::Record::new(Vec::new());
-                record.key = Some("x".into());
+                record.key = Some("runnel-sample-key".into());
                 record.topic = Some(sample.clone());
                 let out = parsed.as_ref()?.render(&record).ok()?;
                 topics
@@ -766,11 +768,13 @@ mod tests {
         let warnings = parse("loop/{key}/data", "loop/{key}/data").warnings();
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(
-            warnings[0].contains("such as `loop/x/data`"),
+            warnings[0].contains("such as `loop/runnel-sample-key/data`"),
             "{}",
             warnings[0]
         );
         assert!(parse("loop/{key}/data", "out/{key}").warnings().is_empty());
+        // Wildcards where the pattern has words: some topics fit.
+        assert!(parse("+/{key}/#", "out/{key}").warnings().is_empty());
     }
 
     #[test]

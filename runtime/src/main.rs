@@ -147,7 +147,10 @@ fn init_tracing(format: LogFormat) {
     // is the event with a `start_cursor` field.
     let dropped_by_broker = filter_fn(|meta| {
         meta.target().starts_with("rumqttd") && meta.fields().field("start_cursor").is_some()
-    });
+    })
+    // Without a hint the combined filter would let every crate's trace
+    // logging be built, only to be thrown away.
+    .with_max_level_hint(tracing_subscriber::filter::LevelFilter::WARN);
     let filter = filter.or(dropped_by_broker);
     let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -147,7 +147,7 @@ impl Connection {
             max_packet: limits.max_packet,
             broker_max_packet: None,
             spool_logged: None,
-            spool_full_logged: false,
+            spool_full_logged: None,
             gauges: gauges.clone(),
         };
         tokio::spawn(publisher.run(command_rx, note_rx));
@@ -534,8 +534,8 @@ struct Publisher {
     /// The broker's own limit, when it gave one.
     broker_max_packet: Option<usize>,
     spool_logged: Option<Instant>,
-    /// The spool's filling up was logged, and it has not drained since.
-    spool_full_logged: bool,
+    /// When the spool's being full was last logged.
+    spool_full_logged: Option<Instant>,
     gauges: Arc<Gauges>,
 }
 
@@ -698,13 +698,16 @@ impl Publisher {
         Ok(())
     }
 
-    /// Once each time the spool fills: with `refuse-new`, outputs then wait
-    /// in memory and their inputs at their broker.
+    /// At most every few seconds while the spool is full: with `refuse-new`,
+    /// outputs then wait in memory and their inputs at their broker.
     fn log_spool_full(&mut self) {
-        if self.spool_full_logged {
+        if self
+            .spool_full_logged
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(5))
+        {
             return;
         }
-        self.spool_full_logged = true;
+        self.spool_full_logged = Some(Instant::now());
         if let Some(spool) = &self.spool {
             tracing::warn!(
                 connection = %self.name,
@@ -845,10 +848,10 @@ impl Publisher {
                     if let Err(err) = spool.commit(end, delivered) {
                         tracing::error!(connection = %self.name, "{err}");
                     } else if spool.is_empty() {
-                        self.spool_full_logged = false;
                         tracing::info!(connection = %self.name, "spool drained: every spooled message was delivered");
                     }
                 }
+                self.spool_waiting();
             }
         }
     }
@@ -864,11 +867,13 @@ impl Publisher {
             return;
         }
         self.start_replay();
+        // While the spool holds messages, what waits behind it (messages the
+        // full spool refused) waits for them, chunk after chunk: they are
+        // older. Each chunk replayed makes room to spool the waiting ones.
+        let spool_busy =
+            self.replay.is_some() || self.spool.as_ref().is_some_and(|s| !s.is_empty());
         while self.outstanding() < self.window {
-            // While the spool replays, what waits behind it (messages the
-            // full spool refused) waits for all of it, chunk after chunk:
-            // the spooled messages are older.
-            if self.replay.is_some() && self.queue.front().is_some_and(|p| !self.is_replayed(p)) {
+            if spool_busy && self.queue.front().is_some_and(|p| !self.is_replayed(p)) {
                 break;
             }
             let Some(p) = self.queue.pop_front() else {
@@ -886,6 +891,36 @@ impl Publisher {
                 break;
             }
             self.unassigned.push_back(p);
+        }
+    }
+
+    /// Messages a full spool refused, which wait in the queue behind what it
+    /// replays, go into it once a replayed chunk made room: at its end, so
+    /// in order, and their inputs need not wait for the whole replay.
+    fn spool_waiting(&mut self) {
+        let Some(at) = self.queue.iter().position(|p| !self.is_replayed(p)) else {
+            return;
+        };
+        if self.spool.as_ref().is_none_or(|s| s.is_empty()) && self.replay.is_none() {
+            // Nothing to wait behind: they go out as they are.
+            return;
+        }
+        let waiting: Vec<Pending> = self.queue.drain(at..).collect();
+        let messages: Vec<Outbound> = waiting.iter().map(|p| p.message.clone()).collect();
+        match self.spool_append(&messages) {
+            Ok(()) => {
+                for p in waiting {
+                    self.complete(p, Ok(()));
+                }
+            }
+            Err(err) => {
+                if matches!(err, SpoolError::Full { .. }) {
+                    self.log_spool_full();
+                } else {
+                    tracing::error!(connection = %self.name, "{err}");
+                }
+                self.queue.extend(waiting);
+            }
         }
     }
 

@@ -52,6 +52,26 @@ impl KeyPattern {
     }
 }
 
+impl KeyPattern {
+    /// Whether some topic `filter` takes (a subscription's filter, without
+    /// a `$share/GROUP/` prefix) fits the pattern.
+    pub fn could_fit(&self, filter: &str) -> bool {
+        fn meet(pattern: &[String], filter: &[&str]) -> bool {
+            match (pattern.split_first(), filter.split_first()) {
+                (None, None) => true,
+                (Some((p, _)), _) if p == "#" => true,
+                (_, Some((&"#", _))) => true,
+                (Some((p, pattern)), Some((f, filter))) => {
+                    (p == "+" || p == "{key}" || *f == "+" || p == f) && meet(pattern, filter)
+                }
+                _ => false,
+            }
+        }
+        let levels: Vec<&str> = filter.split('/').collect();
+        meet(&self.levels, &levels)
+    }
+}
+
 /// Checks a subscription's topic filter as a broker would: `+` and `#` only
 /// as whole levels, `#` only last, and for `$share/GROUP/filter` a group
 /// name without wildcards. Catching it here names the pipeline file's line;
@@ -211,6 +231,21 @@ impl TopicTemplate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pattern_fits_a_filter_when_some_topic_fits_both() {
+        let p = KeyPattern::parse("sensors/{key}/telemetry").expect("pattern");
+        assert!(p.could_fit("sensors/#"));
+        assert!(p.could_fit("+/+/telemetry"));
+        assert!(p.could_fit("sensors/dev-1/telemetry"));
+        assert!(p.could_fit("#"));
+        assert!(!p.could_fit("other/+/telemetry"));
+        assert!(!p.could_fit("sensors/+"));
+        assert!(!p.could_fit("sensors/+/telemetry/raw"));
+        let p = KeyPattern::parse("site/{key}/#").expect("pattern");
+        assert!(p.could_fit("site/+"));
+        assert!(!p.could_fit("plant/+"));
+    }
 
     #[test]
     fn key_comes_from_its_level() {

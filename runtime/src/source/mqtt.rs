@@ -177,6 +177,11 @@ impl Source for MqttSource {
     }
 
     fn take_pending(&mut self, max: usize) -> Option<Batch> {
+        // What the broker sends from now on is not taken: each batch taken
+        // here acknowledges the one before, and a broker with a backlog
+        // would keep the stop from ever ending. Unacknowledged, it stays
+        // with the broker.
+        self.inbound.close();
         let mut messages = Vec::new();
         while messages.len() < max {
             let Ok(message) = self.inbound.try_recv() else {
