@@ -339,12 +339,11 @@ impl Pipeline {
             ];
             for (field, var) in vars {
                 let Some(var) = var else { continue };
-                if std::env::var_os(var.get_ref()).is_none() {
+                if std::env::var(var.get_ref()).is_err() {
                     missing.push(format!(
-                        "{}: mqtt.{name}: {field} names the environment variable {}, which is \
-                         not set",
+                        "{}: {}",
                         self.path.display(),
-                        var.get_ref()
+                        crate::mqtt::unset_env(name, field, var.get_ref())
                     ));
                 }
             }
@@ -361,9 +360,10 @@ impl Pipeline {
         {
             warnings.push(format!(
                 "{file}: [sink] type = \"none\": the answer to an SQS, Kinesis or Kafka event \
-                 names only the records that failed, so those events' outputs are counted and \
-                 dropped (as are an IoT rule's, which does not read the answer); send them on \
-                 with an mqtt, http or stdout sink"
+                 names only the records that failed, so if such events come, their outputs are \
+                 counted and dropped (as are an IoT rule's, which does not read the answer); \
+                 only HTTP and direct invocations get them back; send them on with an mqtt, \
+                 http or stdout sink"
             ));
         }
         let sinks = [

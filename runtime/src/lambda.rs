@@ -70,7 +70,6 @@ impl EventShape {
 /// the Runtime API as an init error, which Lambda shows for the invocation.
 pub async fn serve(pipeline_path: &std::path::Path, options: &RunOptions) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    check_environment()?;
     let prepared = async {
         let pipeline = Pipeline::load(pipeline_path)?;
         let SourceConfig::Lambda { event } = pipeline.file.source else {
@@ -80,6 +79,7 @@ pub async fn serve(pipeline_path: &std::path::Path, options: &RunOptions) -> any
             }
             .into());
         };
+        check_environment()?;
         for warning in pipeline.warnings() {
             tracing::warn!("{warning}");
         }
@@ -203,7 +203,9 @@ async fn invoke(
         EventShape::Auto => detected,
         // Any JSON is a raw event.
         EventShape::Raw => EventShape::Raw,
-        fixed if fits(fixed, detected, text) => fixed,
+        // An event of no known kind is left to the fixed kind's reader,
+        // whose error names what is missing.
+        fixed if detected == EventShape::Raw || fits(fixed, detected, text) => fixed,
         fixed => {
             return Err(InvokeError::InvalidEvent(anyhow::anyhow!(
                 "the event is {}, but the pipeline takes {} ([source] event = \"{}\")",
@@ -254,8 +256,9 @@ async fn invoke(
         answer.get().len()
     );
     if let Some(record) = single {
+        let emitted = processed.outcomes.first() == Some(&InputOutcome::Emitted);
         runner
-            .dead_letter_input(record, "answer", &reason)
+            .dead_letter_input(record, emitted, "answer", &reason)
             .await
             .map_err(InvokeError::Pipeline)?;
     }
@@ -645,23 +648,21 @@ fn http(event: Value) -> anyhow::Result<Decoded> {
         );
     }
     // A REST API sends version 1 (httpMethod); HTTP APIs and function URLs send 2.0.
+    // Query parameters are read from the event itself: the crate's map
+    // splits version 2's values at commas, and panics on an empty list.
     let (body, base64, path, headers) = if event.get("httpMethod").is_some() {
+        // The multi-value forms hold every value; the plain ones, the last.
+        let query = match query_lists(&event["multiValueQueryStringParameters"]) {
+            lists if !lists.is_empty() => lists,
+            _ => query_lists(&event["queryStringParameters"]),
+        };
         let request: ApiGatewayProxyRequest = serde_json::from_value(event)
             .context("the event is not a valid API Gateway (REST) request")?;
-        // The multi-value forms hold every value; the plain ones, the last.
         let headers = if request.multi_value_headers.is_empty() {
             &request.headers
         } else {
             &request.multi_value_headers
         };
-        let query = if request.multi_value_query_string_parameters.is_empty() {
-            &request.query_string_parameters
-        } else {
-            &request.multi_value_query_string_parameters
-        };
-        let query = query
-            .iter()
-            .map(|(name, value)| (name.to_string(), value.to_string()));
         let headers = request_headers(headers, query, &[]);
         (
             request.body,
@@ -671,29 +672,19 @@ fn http(event: Value) -> anyhow::Result<Decoded> {
         )
     } else {
         // Version 2 joins a parameter's values with commas, and a value may
-        // hold commas of its own: the raw query string tells them apart.
-        // A hand-made event may have only the map; its values are taken whole.
-        let plain_query: Vec<(String, String)> = event
-            .get("queryStringParameters")
-            .and_then(Value::as_object)
-            .map(|params| {
-                params
-                    .iter()
-                    .filter_map(|(name, value)| Some((name.clone(), value.as_str()?.to_string())))
-                    .collect()
-            })
-            .unwrap_or_default();
+        // hold commas of its own: the raw query string tells them apart. A
+        // hand-made event may have only the map; its values are taken whole.
+        let plain_query = query_lists(&event["queryStringParameters"]);
         let request: ApiGatewayV2httpRequest = serde_json::from_value(event)
             .context("the event is not a valid API Gateway HTTP API or function URL request")?;
         let raw_query = request.raw_query_string.as_deref().unwrap_or_default();
-        let query: Vec<(String, String)> = if raw_query.is_empty() {
+        let query = if raw_query.is_empty() {
             plain_query
         } else {
             form_urlencoded::parse(raw_query.as_bytes())
                 .into_owned()
                 .collect()
         };
-        let query = query.into_iter();
         let cookies = request.cookies.as_deref().unwrap_or_default();
         let headers = request_headers(&request.headers, query, cookies);
         (
@@ -725,7 +716,7 @@ fn http(event: Value) -> anyhow::Result<Decoded> {
 /// any of these ways reaches the stage.
 fn request_headers(
     headers: &aws_lambda_events::http::HeaderMap,
-    query: impl Iterator<Item = (String, String)>,
+    query: Vec<(String, String)>,
     cookies: &[String],
 ) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::new();
@@ -740,7 +731,32 @@ fn request_headers(
     if !cookies.is_empty() && !out.iter().any(|(name, _)| name == "cookie") {
         out.push(("cookie".into(), cookies.join("; ")));
     }
-    out.extend(query.map(|(name, value)| (format!("query.{name}"), value)));
+    out.extend(
+        query
+            .into_iter()
+            .map(|(name, value)| (format!("query.{name}"), value)),
+    );
+    out
+}
+
+/// Query parameters from an event's map of them: each value of a list
+/// (`multiValueQueryStringParameters`), or the one string.
+fn query_lists(params: &Value) -> Vec<(String, String)> {
+    let Some(params) = params.as_object() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (name, value) in params {
+        match value {
+            Value::String(one) => out.push((name.clone(), one.clone())),
+            Value::Array(many) => out.extend(
+                many.iter()
+                    .filter_map(Value::as_str)
+                    .map(|v| (name.clone(), v.to_string())),
+            ),
+            _ => {}
+        }
+    }
     out
 }
 
@@ -1180,7 +1196,7 @@ mod tests {
                 .expect("sample event");
         rest["multiValueHeaders"] = json!({"X-Tenant": ["t1", "t2"], "X-Name": ["José Müller"]});
         rest["multiValueQueryStringParameters"] =
-            json!({"tag": ["a", "b"], "name": ["Smith, John"]});
+            json!({"tag": ["a", "b"], "name": ["Smith, John"], "none": []});
         let (records, _) = decode(EventShape::Http, rest).expect("rest");
         assert_eq!(header(&records, "x-tenant"), ["t1,t2"]);
         assert_eq!(header(&records, "x-name"), ["José Müller"]);

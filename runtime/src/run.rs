@@ -760,11 +760,16 @@ impl Runner {
     pub(crate) async fn dead_letter_input(
         &mut self,
         record: Record,
+        emitted: bool,
         stage: &str,
         reason: &str,
     ) -> anyhow::Result<()> {
-        self.summary.emitted = self.summary.emitted.saturating_sub(1);
-        self.summary.dead_lettered += 1;
+        // Counted as emitted when its outputs went to the sink; an input
+        // already dead-lettered stays counted once.
+        if emitted {
+            self.summary.emitted = self.summary.emitted.saturating_sub(1);
+            self.summary.dead_lettered += 1;
+        }
         let dead = DeadLetter {
             stage: stage.into(),
             reason: reason.into(),

@@ -343,14 +343,14 @@ fn sqs_event(queue: &str, messages: &[(&str, &str, &str)]) -> serde_json::Value 
 }
 
 /// The faults stage alone (it passes through what names no fault), outputs
-/// only in the answer, dead letters to a file.
+/// and dead letters to files.
 #[test]
 fn fifo_groups_stay_in_order_and_an_answer_too_large_is_dead_lettered() {
     let dir = tempfile::tempdir().expect("temp dir");
     let text = format!(
         "[source]\ntype = \"lambda\"\n\n[[stage]]\nname = \"faults\"\nwasm = {:?}\n\
-         memory_mb = 64\n\n[sink]\ntype = \"none\"\n\n[dead_letter]\ntype = \"file\"\n\
-         path = \"dead.jsonl\"\n",
+         memory_mb = 64\n\n[sink]\ntype = \"file\"\npath = \"out.jsonl\"\n\
+         format = \"payload\"\n\n[dead_letter]\ntype = \"file\"\npath = \"dead.jsonl\"\n",
         stage("faults").display().to_string()
     );
     std::fs::write(dir.path().join("p.toml"), text).expect("write pipeline");
@@ -380,6 +380,11 @@ fn fifo_groups_stay_in_order_and_an_answer_too_large_is_dead_lettered() {
     let dead = read_json_lines(&dir.path().join("dead.jsonl"));
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0]["reason"], "asked to reject");
+    let out = std::fs::read_to_string(dir.path().join("out.jsonl")).expect("outputs");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["first of a", "first of b"]
+    );
 
     // A standard queue keeps no order: only the failed message is reported.
     let standard = write_event("standard.json", &sqs_event("orders", &messages));
@@ -418,6 +423,22 @@ fn lambda_without_the_runtime_api_says_what_is_missing() {
     assert_ne!(run.status, Some(0), "{}", run.stderr);
     assert!(
         run.stderr.contains("AWS_LAMBDA_RUNTIME_API is not set"),
+        "{}",
+        run.stderr
+    );
+    // A pipeline for `run` is named as such first, with the exit code of a
+    // pipeline that is not valid here.
+    std::fs::write(
+        dir.path().join("stdin.toml"),
+        "[source]\ntype = \"stdin\"\n[sink]\ntype = \"stdout\"\n",
+    )
+    .expect("write pipeline");
+    let run =
+        Background::start(Path::new(BIN), dir.path(), &["lambda", "stdin.toml"], &[]).finish();
+    assert_eq!(run.status, Some(2), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("runnel lambda needs [source] type = \"lambda\""),
         "{}",
         run.stderr
     );

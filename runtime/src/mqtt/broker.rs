@@ -36,6 +36,9 @@ pub fn start(listen: SocketAddr, v5: bool, limits: &BrokerLimits) -> Result<(), 
     // binding first turns that into an error runnel can show.
     TcpListener::bind(listen)
         .map_err(|e| format!("the embedded broker cannot listen on {listen}: {e}"))?;
+    let backlog_bytes = limits.backlog_mb.saturating_mul(1 << 20);
+    // rumqttd keeps whole segments: a backlog below one is one that size.
+    let segment_bytes = SEGMENT_BYTES.min(backlog_bytes).max(1 << 10);
     let server = |name: &str, addr: SocketAddr| {
         let mut servers = HashMap::new();
         servers.insert(
@@ -65,8 +68,8 @@ pub fn start(listen: SocketAddr, v5: bool, limits: &BrokerLimits) -> Result<(), 
             // Messages sit in segments per topic filter until every
             // subscriber has read them; segments are made as they fill, so
             // an idle gateway holds one.
-            max_segment_size: SEGMENT_BYTES,
-            max_segment_count: (limits.backlog_mb << 20).div_ceil(SEGMENT_BYTES).max(1),
+            max_segment_size: segment_bytes,
+            max_segment_count: backlog_bytes.div_ceil(segment_bytes).max(1),
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),

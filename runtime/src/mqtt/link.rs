@@ -460,8 +460,8 @@ fn link_error(err: &dyn std::error::Error, fatal: bool, certificate_alert: bool)
     let mut message = describe(err);
     if certificate_alert {
         message.push_str(
-            ": the broker refused the TLS session over a certificate (does it want a client \
-             certificate? cert_file and key_file give one)",
+            ": the broker refused the TLS session over a certificate: it may want a client \
+             certificate (cert_file and key_file), or not trust the one given",
         );
     }
     LinkError {

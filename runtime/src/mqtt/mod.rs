@@ -350,7 +350,7 @@ fn first_certificate_version(pem: &str) -> Option<u8> {
     }
     match rest {
         // [0] EXPLICIT INTEGER: version number minus one.
-        [0xa0, 0x03, 0x02, 0x01, v, ..] => Some(v + 1),
+        [0xa0, 0x03, 0x02, 0x01, v, ..] => v.checked_add(1),
         [0xa0, ..] => None,
         _ => Some(1),
     }
@@ -478,9 +478,15 @@ fn default_client_id(pipeline: &str, connection: &str) -> String {
 }
 
 fn read_env(name: &str, connection: &str, var: &str) -> Result<String, String> {
-    std::env::var(var).map_err(|_| {
-        format!("mqtt.{connection}: {name} names the environment variable {var}, which is not set")
-    })
+    std::env::var(var).map_err(|_| unset_env(connection, name, var))
+}
+
+/// Why a credential variable a connection names cannot be read.
+pub fn unset_env(connection: &str, field: &str, var: &str) -> String {
+    format!(
+        "mqtt.{connection}: {field} names the environment variable {var}, which is not set \
+         (or not UTF-8)"
+    )
 }
 
 /// A connection's subscribing and publishing clients, where used.
