@@ -157,7 +157,26 @@ impl Slot {
             .ok_or_else(|| CallError::Contract("no instance".into()))
     }
 
+    /// A batch through this stage, in calls of at most an eighth of its
+    /// memory cap: the stage holds a call's records about four times over
+    /// (the batch, its own copies, the outputs and their encoding), and a
+    /// batch of large records must not hit the cap and take the stage's
+    /// state with it.
     fn process(&mut self, batch: Encoded, dead_letters: &mut Vec<DeadLetter>) -> Encoded {
+        let max_call_bytes = (self.stage.limits().memory_bytes / 8).max(1);
+        let mut parts = batch.split_by_bytes(max_call_bytes).into_iter();
+        let Some(first) = parts.next() else {
+            return Encoded::with_capacity(0, 0);
+        };
+        let mut next = self.process_call(first, dead_letters);
+        for part in parts {
+            let more = self.process_call(part, dead_letters);
+            next = append(next, &more);
+        }
+        next
+    }
+
+    fn process_call(&mut self, batch: Encoded, dead_letters: &mut Vec<DeadLetter>) -> Encoded {
         let mut next = Encoded::with_capacity(batch.buf.len(), batch.len());
         let failed_before = self.stats.failed_calls;
         let first_failure = match self.call(&batch, &mut next, dead_letters) {
@@ -308,6 +327,10 @@ impl Slot {
         end_of_input: bool,
         dead_letters: &mut Vec<DeadLetter>,
     ) -> Option<Encoded> {
+        // An instance replaced after a failure holds nothing yet: starting a
+        // fresh one only to flush it emits nothing, and a stage whose init
+        // now fails would add a dead letter at every tick.
+        self.instance.as_ref()?;
         let started = Instant::now();
         let result = self
             .instance()

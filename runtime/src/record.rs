@@ -99,6 +99,31 @@ impl Encoded {
         one
     }
 
+    /// The records in runs of consecutive ones whose bytes add up to at
+    /// most `max_bytes`, each run at least one record; the batch itself
+    /// when it fits.
+    pub fn split_by_bytes(self, max_bytes: usize) -> Vec<Encoded> {
+        if self.buf.len() <= max_bytes {
+            return vec![self];
+        }
+        let mut parts = Vec::new();
+        let mut part = Encoded::with_capacity(max_bytes.min(self.buf.len()), 0);
+        for i in 0..self.len() {
+            let range = self.ranges[i].clone();
+            if part.len() > 0 && part.buf.len() + range.len() > max_bytes {
+                part.seal();
+                parts.push(std::mem::replace(
+                    &mut part,
+                    Encoded::with_capacity(max_bytes.min(self.buf.len()), 0),
+                ));
+            }
+            part.push_raw(&self.buf[range], self.origins[i]);
+        }
+        part.seal();
+        parts.push(part);
+        parts
+    }
+
     /// Every record, owned, with its origin.
     pub fn into_records(self) -> Vec<(Option<usize>, Record)> {
         (0..self.len())
@@ -214,6 +239,30 @@ fn finish(reader: &Reader<'_>) -> Result<(), WireError> {
 mod tests {
     use super::*;
     use runnel_wire::{put_emit, put_reject};
+
+    #[test]
+    fn a_batch_splits_into_runs_that_fit_keeping_order_and_origins() {
+        let records: Vec<Record> = ["a".repeat(40), "b".repeat(40), "c".repeat(200), "d".into()]
+            .into_iter()
+            .map(Record::new)
+            .collect();
+        let batch = Encoded::from_records(&records, (0..4).map(Some));
+        let whole = batch.buf.len();
+        let parts = Encoded::from_records(&records, (0..4).map(Some)).split_by_bytes(120);
+        let shapes: Vec<Vec<Option<usize>>> = parts.iter().map(|p| p.origins.clone()).collect();
+        // The long one goes alone, over the limit, rather than not at all.
+        assert_eq!(
+            shapes,
+            [vec![Some(0), Some(1)], vec![Some(2)], vec![Some(3)]]
+        );
+        let again: Vec<Record> = parts
+            .into_iter()
+            .flat_map(|p| p.into_records())
+            .map(|(_, r)| r)
+            .collect();
+        assert_eq!(again, records);
+        assert_eq!(batch.split_by_bytes(whole).len(), 1);
+    }
 
     fn answer() -> Vec<u8> {
         let mut buf = Vec::new();

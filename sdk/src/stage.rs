@@ -83,10 +83,21 @@ pub struct NoConfig {}
 /// in an optional setting would otherwise leave its default in force
 /// unnoticed. (A `#[serde(flatten)]` map takes extra keys, for a stage that
 /// wants them.)
+///
+/// Not caught this way: keys inside what serde reads through a buffer, that
+/// is a `#[serde(flatten)]` struct, an untagged enum or an internally tagged
+/// one (`#[serde(tag = "...")]`). Mark those types `deny_unknown_fields`
+/// (flattened ones cannot be; give them a field of their own instead).
 pub fn parse_config<C: DeserializeOwned>(json: &str) -> Result<C, Error> {
     let mut reader = serde_json::Deserializer::from_str(json);
     let mut unknown = Vec::new();
-    let mut note = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    // serde_ignored writes `?` for the inside of an `Option`, which is not
+    // a level of the table the author wrote.
+    let mut note = |path: serde_ignored::Path<'_>| {
+        let path = path.to_string();
+        let levels: Vec<&str> = path.split('.').filter(|l| *l != "?").collect();
+        unknown.push(levels.join("."));
+    };
     let watched = serde_ignored::Deserializer::new(&mut reader, &mut note);
     let config = serde_path_to_error::deserialize(watched).map_err(|err| {
         // The place in the JSON the host made means nothing to the author
@@ -120,6 +131,7 @@ mod tests {
     struct Config {
         skip_channels: Vec<u32>,
         limits: Limits,
+        spare: Option<Limits>,
     }
 
     #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -139,6 +151,12 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "invalid stage config: unknown field `limits.mxa`"
+        );
+        // The inside of an optional table is named as the author wrote it.
+        let err = parse_config::<Config>(r#"{"spare": {"mx": 3}}"#).expect_err("in an option");
+        assert_eq!(
+            err.to_string(),
+            "invalid stage config: unknown field `spare.mx`"
         );
         let config = parse_config::<Config>(r#"{"skip_channels": [9], "limits": {"max": 3}}"#)
             .expect("known keys");

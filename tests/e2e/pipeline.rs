@@ -428,58 +428,66 @@ fn http_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
 /// A tiny HTTP server whose answer to request number `n` (from 1) with a
 /// body is `answer(n, body)`; it records the bodies it answers 200.
 fn http_server_with(
-    answer: impl Fn(usize, &str) -> (&'static str, &'static str) + Send + 'static,
+    answer: impl Fn(usize, &str) -> (&'static str, &'static str) + Send + Sync + 'static,
 ) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
-    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = bodies.clone();
+    let answer = Arc::new(answer);
+    let requests = Arc::new(AtomicUsize::new(0));
     std::thread::spawn(move || {
-        let mut requests = 0;
+        // A thread per connection: a client may open a new one while an
+        // idle one stays open (keep-alive).
         for stream in listener.incoming().flatten() {
-            let mut reader = BufReader::new(stream);
-            // Requests on one connection follow each other (keep-alive).
-            loop {
-                let mut length = 0;
-                let mut line = String::new();
-                let mut started = false;
+            let (seen, answer, requests) = (seen.clone(), answer.clone(), requests.clone());
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                // Requests on one connection follow each other.
                 loop {
-                    line.clear();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    let mut length = 0;
+                    let mut line = String::new();
+                    let mut started = false;
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            break;
+                        }
+                        started = true;
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    if !started {
                         break;
                     }
-                    started = true;
-                    if line == "\r\n" {
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
                         break;
                     }
-                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                        length = v.trim().parse().unwrap_or(0);
+                    let n = requests.fetch_add(1, Ordering::SeqCst) + 1;
+                    let body = String::from_utf8_lossy(&body).into_owned();
+                    let (status, text) = answer(n, &body);
+                    if status.starts_with("200") {
+                        if let Ok(mut seen) = seen.lock() {
+                            seen.push(body);
+                        }
+                    }
+                    let answer = format!(
+                        "HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n{text}",
+                        text.len()
+                    );
+                    if reader.get_mut().write_all(answer.as_bytes()).is_err() {
+                        break;
                     }
                 }
-                if !started {
-                    break;
-                }
-                let mut body = vec![0; length];
-                if reader.read_exact(&mut body).is_err() {
-                    break;
-                }
-                requests += 1;
-                let body = String::from_utf8_lossy(&body).into_owned();
-                let (status, text) = answer(requests, &body);
-                if status.starts_with("200") {
-                    if let Ok(mut seen) = seen.lock() {
-                        seen.push(body);
-                    }
-                }
-                let answer = format!(
-                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n{text}",
-                    text.len()
-                );
-                if reader.get_mut().write_all(answer.as_bytes()).is_err() {
-                    break;
-                }
-            }
+            });
         }
     });
     (port, bodies)

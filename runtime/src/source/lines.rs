@@ -10,8 +10,10 @@ use crate::codec::{decode_line, LineFormat};
 use crate::Record;
 
 /// Lines longer than this are cut into a dead letter instead of read whole,
-/// so one runaway line cannot take the host's memory.
-const MAX_LINE: usize = 8 << 20;
+/// so one runaway line cannot take the host's memory. It is a stage's
+/// default memory cap: a longer record could not go through a stage anyway,
+/// and an output file of records the stages made reads back.
+const MAX_LINE: usize = 64 << 20;
 /// How long a live source waits to fill a batch once it holds a record.
 const LINGER: Duration = Duration::from_millis(5);
 

@@ -96,13 +96,20 @@ impl WasiView for HostState {
 impl Host for HostState {
     fn log(&mut self, level: Level, message: String) {
         let stage = &*self.stage;
+        // One call, one log line: a line break in the message would let a
+        // stage write lines that read as the host's own.
+        let shown = if message.contains(['\n', '\r']) {
+            std::borrow::Cow::Owned(message.replace('\n', "\\n").replace('\r', "\\r"))
+        } else {
+            std::borrow::Cow::Borrowed(message.as_str())
+        };
         match level {
-            Level::Trace => tracing::trace!(target: "runnel::stage", stage, "{message}"),
-            Level::Debug => tracing::debug!(target: "runnel::stage", stage, "{message}"),
-            Level::Info => tracing::info!(target: "runnel::stage", stage, "{message}"),
-            Level::Warn => tracing::warn!(target: "runnel::stage", stage, "{message}"),
+            Level::Trace => tracing::trace!(target: "runnel::stage", stage, "{shown}"),
+            Level::Debug => tracing::debug!(target: "runnel::stage", stage, "{shown}"),
+            Level::Info => tracing::info!(target: "runnel::stage", stage, "{shown}"),
+            Level::Warn => tracing::warn!(target: "runnel::stage", stage, "{shown}"),
             Level::Error => {
-                tracing::error!(target: "runnel::stage", stage, "{message}");
+                tracing::error!(target: "runnel::stage", stage, "{shown}");
                 if message.starts_with(PANIC_PREFIX) {
                     self.panic = Some(message);
                 }
