@@ -110,7 +110,7 @@ impl Encoded {
         let mut part = Encoded::with_capacity(max_bytes.min(self.buf.len()), 0);
         for i in 0..self.len() {
             let range = self.ranges[i].clone();
-            if part.len() > 0 && part.buf.len() + range.len() > max_bytes {
+            if !part.is_empty() && part.buf.len() + range.len() > max_bytes {
                 part.seal();
                 parts.push(std::mem::replace(
                     &mut part,
