@@ -56,7 +56,9 @@ enum Command {
         no_cache: bool,
     },
     /// Checks a pipeline file and loads and starts every stage, without
-    /// reading any input. Exits 2 with the file, line and field at fault.
+    /// reading any input. Exits 2 with the file, line and field at fault,
+    /// or 1 when a file the run would write (a file sink, the dead letter,
+    /// a spool) cannot be written.
     Check {
         /// The pipeline file (TOML).
         pipeline: PathBuf,
