@@ -267,7 +267,7 @@ fn check(path: PathBuf) -> ExitCode {
     }
     // The service's environment may differ from this shell's.
     for missing in pipeline.missing_env() {
-        say!("runnel: warning: {missing} here; run stops unless its environment sets it");
+        say!("runnel: warning: {missing}, in this environment: run stops unless its own sets it");
     }
     // What `run` would fail on at once, for a service that would else
     // restart over it: files it cannot write.

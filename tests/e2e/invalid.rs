@@ -169,8 +169,9 @@ fn check_fails_on_a_spool_it_cannot_make_and_run_on_a_missing_credential() {
         run.stderr
     );
     assert!(
-        run.stderr
-            .contains("RUNNEL_TEST_NO_SUCH_USER, which is not set here"),
+        run.stderr.contains(
+            "RUNNEL_TEST_NO_SUCH_USER, which is not set or is not UTF-8, in this environment"
+        ),
         "{}",
         run.stderr
     );

@@ -485,7 +485,7 @@ fn read_env(name: &str, connection: &str, var: &str) -> Result<String, String> {
 pub fn unset_env(connection: &str, field: &str, var: &str) -> String {
     format!(
         "mqtt.{connection}: {field} names the environment variable {var}, which is not set \
-         (or not UTF-8)"
+         or is not UTF-8"
     )
 }
 
