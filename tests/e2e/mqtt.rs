@@ -548,44 +548,8 @@ fn outputs_for_an_unreachable_upstream_are_spooled_and_replayed_in_order() {
     let local = free_port();
     let upstream_port = free_port();
     let metrics_port = free_port();
-    let text = format!(
-        r#"
-[pipeline]
-batch_size = 16
-
-[mqtt.local]
-broker = "embedded"
-listen = "127.0.0.1:{local}"
-client_id = "runnel-spool-local"
-
-[mqtt.upstream]
-broker = "mqtt://127.0.0.1:{upstream_port}"
-client_id = "runnel-spool-upstream"
-[mqtt.upstream.spool]
-path = "spool"
-max_mb = 4
-when_full = "refuse-new"
-
-[metrics]
-listen = "127.0.0.1:{metrics_port}"
-
-[source]
-type = "mqtt"
-connection = "local"
-topics = ["sensors/+/telemetry"]
-key = "sensors/{{key}}/telemetry"
-
-[[stage]]
-name = "faults"
-wasm = {:?}
-
-[sink]
-type = "mqtt"
-connection = "upstream"
-topic = "up/{{key}}"
-"#,
-        stage("faults").display().to_string()
-    );
+    let text = spool_pipeline(local, upstream_port, metrics_port, 4, "refuse-new");
+    let text = text.replace("[pipeline]\n", "[pipeline]\nbatch_size = 16\n");
     std::fs::write(dir.path().join("p.toml"), text).expect("write pipeline");
     let one_device = |first: usize| -> Vec<(String, Vec<u8>)> {
         (first..first + 100)
@@ -689,32 +653,28 @@ topic = "up/{{key}}"
     assert_eq!(run.status, Some(0), "{}", run.stderr);
 }
 
-/// 2,500 outputs of about 600 bytes for an upstream that is down, through
-/// a 1 MB spool with `when_full`; then the upstream comes back. Returns the
-/// numbers it received, each at its first arrival, the runnel log, and the
-/// spool's dropped-messages count from the metrics once all were delivered.
-fn fill_the_spool(when_full: &str) -> (Vec<u64>, String, Option<f64>) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let local = free_port();
-    let upstream_port = free_port();
-    let metrics_port = free_port();
-    let text = format!(
+/// A pipeline from an embedded broker on `local` through the `faults` stage
+/// to an upstream broker on `upstream` with a spool of `max_mb`, and metrics.
+fn spool_pipeline(local: u16, upstream: u16, metrics: u16, max_mb: u64, when_full: &str) -> String {
+    format!(
         r#"
+[pipeline]
+
 [mqtt.local]
 broker = "embedded"
 listen = "127.0.0.1:{local}"
-client_id = "runnel-full-local"
+client_id = "runnel-spool-local"
 
 [mqtt.upstream]
-broker = "mqtt://127.0.0.1:{upstream_port}"
-client_id = "runnel-full-upstream"
+broker = "mqtt://127.0.0.1:{upstream}"
+client_id = "runnel-spool-upstream"
 [mqtt.upstream.spool]
 path = "spool"
-max_mb = 1
+max_mb = {max_mb}
 when_full = "{when_full}"
 
 [metrics]
-listen = "127.0.0.1:{metrics_port}"
+listen = "127.0.0.1:{metrics}"
 
 [source]
 type = "mqtt"
@@ -732,7 +692,19 @@ connection = "upstream"
 topic = "up/{{key}}"
 "#,
         stage("faults").display().to_string()
-    );
+    )
+}
+
+/// 2,500 outputs of about 600 bytes for an upstream that is down, through
+/// a 1 MB spool with `when_full`; then the upstream comes back. Returns the
+/// numbers it received, each at its first arrival, the runnel log, and the
+/// spool's dropped-messages count from the metrics once all were delivered.
+fn fill_the_spool(when_full: &str) -> (Vec<u64>, String, Option<f64>) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let local = free_port();
+    let upstream_port = free_port();
+    let metrics_port = free_port();
+    let text = spool_pipeline(local, upstream_port, metrics_port, 1, when_full);
     std::fs::write(dir.path().join("p.toml"), text).expect("write pipeline");
     // About 600 bytes each: the 1 MB spool is full after some 1,700.
     let pad = "x".repeat(580);

@@ -789,24 +789,8 @@ impl Publisher {
             self.batches
                 .retain(|_, b| !matches!(b.waiter, Waiter::Spool { .. }));
         }
-        if self.spool.is_some() && !self.queue.is_empty() {
-            let queued: Vec<Pending> = self.queue.drain(..).collect();
-            let messages: Vec<Outbound> = queued.iter().map(|p| p.message.clone()).collect();
-            match self.spool_append(&messages) {
-                Ok(()) => {
-                    for p in queued {
-                        self.complete(p, Ok(()));
-                    }
-                }
-                Err(err) => {
-                    if matches!(err, SpoolError::Full { .. }) {
-                        self.log_spool_full();
-                    } else {
-                        tracing::error!(connection = %self.name, "{err}");
-                    }
-                    self.queue.extend(queued);
-                }
-            }
+        if self.spool.is_some() {
+            self.spool_queue_from(0);
         }
     }
 
@@ -905,11 +889,20 @@ impl Publisher {
             // Nothing to wait behind: they go out as they are.
             return;
         }
-        let waiting: Vec<Pending> = self.queue.drain(at..).collect();
-        let messages: Vec<Outbound> = waiting.iter().map(|p| p.message.clone()).collect();
+        self.spool_queue_from(at);
+    }
+
+    /// Moves the queue from `at` on into the spool, each message done once
+    /// spooled; all stay queued if the spool cannot take them all.
+    fn spool_queue_from(&mut self, at: usize) {
+        if at >= self.queue.len() {
+            return;
+        }
+        let queued: Vec<Pending> = self.queue.drain(at..).collect();
+        let messages: Vec<Outbound> = queued.iter().map(|p| p.message.clone()).collect();
         match self.spool_append(&messages) {
             Ok(()) => {
-                for p in waiting {
+                for p in queued {
                     self.complete(p, Ok(()));
                 }
             }
@@ -919,7 +912,7 @@ impl Publisher {
                 } else {
                     tracing::error!(connection = %self.name, "{err}");
                 }
-                self.queue.extend(waiting);
+                self.queue.extend(queued);
             }
         }
     }
