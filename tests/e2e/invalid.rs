@@ -9,6 +9,11 @@ use runnel_tests::{repo_dir, run_binary_with};
 /// Logs off: stderr is then exactly the error message.
 const QUIET: &[(&str, &str)] = &[("RUST_LOG", "off")];
 
+/// runnel with these arguments in `dir`, no input and no log.
+fn quietly(dir: &Path, args: &[&str]) -> runnel_tests::Run {
+    run_binary_with(Path::new(BIN), dir, args, b"", QUIET)
+}
+
 const BIN: &str = env!("CARGO_BIN_EXE_runnel");
 
 #[test]
@@ -67,13 +72,7 @@ fn run_refuses_a_bad_pipeline_the_same_way() {
 #[test]
 fn a_missing_pipeline_file_is_named() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let run = run_binary_with(
-        Path::new(BIN),
-        dir.path(),
-        &["check", "nope.toml"],
-        b"",
-        QUIET,
-    );
+    let run = quietly(dir.path(), &["check", "nope.toml"]);
     assert_eq!(run.status, Some(2));
     assert!(
         run.stderr
@@ -113,13 +112,7 @@ fn check_fails_on_an_output_file_it_cannot_write() {
         )
     };
     std::fs::write(dir.path().join("bad.toml"), pipeline("blocker/dead.jsonl")).expect("write");
-    let run = run_binary_with(
-        Path::new(BIN),
-        dir.path(),
-        &["check", "bad.toml"],
-        b"",
-        QUIET,
-    );
+    let run = quietly(dir.path(), &["check", "bad.toml"]);
     assert_eq!(run.status, Some(1), "{}", run.stderr);
     assert!(
         run.stderr
@@ -128,13 +121,7 @@ fn check_fails_on_an_output_file_it_cannot_write() {
         run.stderr
     );
     std::fs::write(dir.path().join("good.toml"), pipeline("dl/dead.jsonl")).expect("write");
-    let run = run_binary_with(
-        Path::new(BIN),
-        dir.path(),
-        &["check", "good.toml"],
-        b"",
-        QUIET,
-    );
+    let run = quietly(dir.path(), &["check", "good.toml"]);
     assert_eq!(run.status, Some(0), "{}", run.stderr);
     assert!(!dir.path().join("dl").exists(), "check left its probe");
 }
@@ -154,13 +141,7 @@ fn check_fails_on_a_spool_it_cannot_make_and_run_on_a_missing_credential() {
         )
     };
     std::fs::write(dir.path().join("bad.toml"), pipeline("blocker")).expect("write");
-    let run = run_binary_with(
-        Path::new(BIN),
-        dir.path(),
-        &["check", "bad.toml"],
-        b"",
-        QUIET,
-    );
+    let run = quietly(dir.path(), &["check", "bad.toml"]);
     assert_eq!(run.status, Some(1), "{}", run.stderr);
     assert!(
         run.stderr
@@ -176,22 +157,10 @@ fn check_fails_on_a_spool_it_cannot_make_and_run_on_a_missing_credential() {
         run.stderr
     );
     std::fs::write(dir.path().join("good.toml"), pipeline("spool")).expect("write");
-    let run = run_binary_with(
-        Path::new(BIN),
-        dir.path(),
-        &["check", "good.toml"],
-        b"",
-        QUIET,
-    );
+    let run = quietly(dir.path(), &["check", "good.toml"]);
     assert_eq!(run.status, Some(0), "{}", run.stderr);
     assert!(!dir.path().join("spool").exists(), "check left its probe");
-    let run = run_binary_with(
-        Path::new(BIN),
-        dir.path(),
-        &["run", "good.toml"],
-        b"",
-        QUIET,
-    );
+    let run = quietly(dir.path(), &["run", "good.toml"]);
     assert_eq!(run.status, Some(2), "{}", run.stderr);
     assert!(
         run.stderr.contains(
