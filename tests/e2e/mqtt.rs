@@ -190,6 +190,43 @@ fn the_embedded_broker_carries_a_pipeline_end_to_end() {
     );
 }
 
+/// The embedded broker takes a message over `max_packet_kb`, so the source
+/// dead-letters it with the reason instead of the broker dropping the
+/// device.
+#[test]
+fn the_embedded_broker_lets_an_oversized_message_reach_the_dead_letter() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    file_pipeline(
+        dir.path(),
+        &format!("broker = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\nmax_packet_kb = 2\n"),
+        &["sensors/#"],
+    );
+    let runnel = start(dir.path());
+    let big = format!("{{\"n\":1,\"pad\":\"{}\"}}", "x".repeat(5000));
+    publish_all(
+        port,
+        &[
+            ("sensors/a".to_string(), b"{\"n\":0}".to_vec()),
+            ("sensors/a".to_string(), big.into_bytes()),
+            ("sensors/a".to_string(), b"{\"n\":2}".to_vec()),
+        ],
+    );
+    wait_for_lines(&dir.path().join("out.jsonl"), 2);
+    wait_for_lines(&dir.path().join("dead.jsonl"), 1);
+    let run = runnel.stop();
+    let dead = read_json_lines(&dir.path().join("dead.jsonl"));
+    assert_eq!(dead.len(), 1, "{}", run.stderr);
+    assert_eq!(dead[0]["stage"], "source");
+    let reason = dead[0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("over connection `local`'s max_packet_kb"),
+        "{reason}"
+    );
+    assert_eq!(read_json_lines(&dir.path().join("out.jsonl")).len(), 2);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+}
+
 #[test]
 fn mqtt5_user_properties_become_headers() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -519,8 +519,15 @@ fn open_one(
             let listen: SocketAddr = listen
                 .parse()
                 .map_err(|_| format!("mqtt.{name}: bad {field} address"))?;
+            // The broker takes more than the source does, so a message over
+            // max_packet_kb reaches the source and goes to the dead letter
+            // with the reason; the broker refuses only far larger ones.
             let limits = broker::BrokerLimits {
-                max_payload: config.max_packet_kb.saturating_mul(1024),
+                max_payload: config
+                    .max_packet_kb
+                    .saturating_mul(1024)
+                    .saturating_mul(4)
+                    .max(1 << 20),
                 backlog_mb: config
                     .backlog_mb
                     .as_ref()
