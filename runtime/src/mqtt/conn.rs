@@ -285,6 +285,16 @@ struct Poller {
 const STABLE_CONNECTION: Duration = Duration::from_secs(5);
 
 impl Poller {
+    /// Which of a connection's clients this is, for the log: one that both
+    /// feeds the source and takes outputs has two.
+    fn role(&self) -> &'static str {
+        if self.subscription.is_some() {
+            "subscribe"
+        } else {
+            "publish"
+        }
+    }
+
     async fn run(mut self) {
         let mut backoff = Backoff::new();
         let mut ever_connected = false;
@@ -302,6 +312,7 @@ impl Poller {
                     connected_at = Some(Instant::now());
                     tracing::info!(
                         connection = %self.name,
+                        role = self.role(),
                         broker = %self.url,
                         session_present,
                         "{}",
@@ -348,7 +359,8 @@ impl Poller {
                     }
                     self.take_back_requests();
                     if self.closing.load(Ordering::Relaxed) {
-                        tracing::debug!(connection = %self.name, "disconnected: {}", err.message);
+                        tracing::debug!(connection = %self.name,
+                        role = self.role(), "disconnected: {}", err.message);
                         return;
                     }
                     let mut reason =
@@ -375,6 +387,7 @@ impl Poller {
                     let delay = backoff.next();
                     tracing::warn!(
                         connection = %self.name,
+                        role = self.role(),
                         broker = %self.url,
                         retry_in_ms = delay.as_millis() as u64,
                         "{reason}"
@@ -412,6 +425,7 @@ impl Poller {
                 if let Some(sub) = &self.subscription {
                     tracing::info!(
                         connection = %self.name,
+                        role = self.role(),
                         filters = %sub.filters.join(", "),
                         qos = sub.qos,
                         "subscribed"
