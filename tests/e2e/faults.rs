@@ -236,6 +236,11 @@ fn stages_cannot_touch_the_file_system_and_their_output_is_logged() {
     );
     assert!(run.stderr.contains("hello from stdout"), "{}", run.stderr);
     assert!(run.stderr.contains("hello from stderr"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("goodbye without a newline"),
+        "{}",
+        run.stderr
+    );
     assert_eq!(outputs(dir.path()), ["print"]);
 }
 

@@ -5,7 +5,7 @@
 //! waiting in the host rather than running), `hog` (allocates without
 //! bound), `reject`, `write-file`, `read-env` (reports what environment it
 //! sees), `connect` (opens a TCP connection), `print` (writes to stdout and
-//! stderr), `miscount` (the whole batch's answer leaves out its last outcome).
+//! stderr, the last line with no newline), `miscount` (the whole batch's answer leaves out its last outcome).
 //! Config: `fail_init = "reason"` makes `init` fail.
 
 use runnel_sdk::{Error, Record, Stage};
@@ -75,6 +75,9 @@ impl Stage for Faults {
             b"print" => {
                 println!("hello from stdout");
                 eprintln!("hello from stderr");
+                // A last line with no newline must not be lost.
+                print!("goodbye without a newline");
+                let _ = std::io::Write::flush(&mut std::io::stdout());
                 Ok(vec![record])
             }
             _ => Ok(vec![record]),

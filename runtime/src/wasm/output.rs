@@ -92,6 +92,16 @@ impl Lines {
     }
 }
 
+/// A last line the stage wrote without a newline shows when the instance
+/// ends rather than being lost with it.
+impl Drop for Lines {
+    fn drop(&mut self) {
+        if !self.partial.is_empty() {
+            self.emit_partial();
+        }
+    }
+}
+
 impl IsTerminal for GuestOutput {
     fn is_terminal(&self) -> bool {
         false
