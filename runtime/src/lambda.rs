@@ -97,9 +97,8 @@ pub async fn serve(pipeline_path: &std::path::Path, options: &RunOptions) -> any
     let (shape, runner) = match prepared {
         Ok(ready) => ready,
         Err(err) => {
-            let message = crate::error_text(&err);
-            tracing::error!("cannot start: {message}");
-            report_init_error(&message).await;
+            // The caller logs the error itself.
+            report_init_error(&crate::error_text(&err)).await;
             return Err(err);
         }
     };

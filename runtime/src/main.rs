@@ -14,9 +14,22 @@ use runnel::{error_text, RunOptions};
 /// A line to stderr. `eprintln!` panics when stderr is gone (a pipe whose
 /// reader quit, as in `runnel run p.toml 2>&1 | head`); the line is lost
 /// then, but the run and its exit code are not.
+/// Whether the log is JSON lines (`--log-format json`, or under Lambda):
+/// then what runnel says on stderr is a JSON line too, at its level.
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Says something on stderr: a plain line, or in a JSON log a log line of
+/// that level. A closed stderr is no reason to fail.
 macro_rules! say {
-    ($($arg:tt)*) => {{
-        let _ = writeln!(std::io::stderr(), $($arg)*);
+    ($level:ident, $($arg:tt)*) => {{
+        let text = format!($($arg)*);
+        if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+            let text = text.strip_prefix("runnel: ").unwrap_or(&text);
+            let text = text.strip_prefix("warning: ").unwrap_or(text);
+            tracing::$level!(target: "runnel", "{text}");
+        } else {
+            let _ = writeln!(std::io::stderr(), "{text}");
+        }
     }};
 }
 
@@ -102,11 +115,16 @@ fn main() -> ExitCode {
     } else {
         LogFormat::Text
     };
-    init_tracing(cli.log_format.unwrap_or(default_format));
+    let format = cli.log_format.unwrap_or(default_format);
+    JSON_LOGS.store(
+        matches!(format, LogFormat::Json),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    init_tracing(format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
-            say!("runnel: cannot start the async runtime: {err}");
+            say!(error, "runnel: cannot start the async runtime: {err}");
             return ExitCode::from(EXIT_FAILED);
         }
     };
@@ -172,7 +190,7 @@ fn load(path: &std::path::Path) -> Result<Pipeline, ExitCode> {
 }
 
 fn invalid(err: &ConfigError) -> ExitCode {
-    say!("runnel: {err}");
+    say!(error, "runnel: {err}");
     ExitCode::from(EXIT_INVALID)
 }
 
@@ -184,6 +202,7 @@ async fn run(path: PathBuf, options: RunOptions) -> ExitCode {
     };
     if matches!(pipeline.file.source, SourceConfig::Lambda { .. }) {
         say!(
+            error,
             "runnel: {}: a lambda source takes Lambda invocations: run it with `runnel lambda`",
             pipeline.path.display()
         );
@@ -191,7 +210,7 @@ async fn run(path: PathBuf, options: RunOptions) -> ExitCode {
     }
     // A setting the service lacks: starting again cannot help.
     if let Some(missing) = pipeline.missing_env().first() {
-        say!("runnel: {missing}");
+        say!(error, "runnel: {missing}");
         return ExitCode::from(EXIT_INVALID);
     }
     let shutdown = {
@@ -223,7 +242,7 @@ async fn run(path: PathBuf, options: RunOptions) -> ExitCode {
                 }
                 _ => "they were not delivered",
             };
-            say!("runnel: stopped without waiting longer for outputs under way: {inputs}");
+            say!(error, "runnel: stopped without waiting longer for outputs under way: {inputs}");
             // At once: a stage call still running would outlive the async
             // runtime's shutdown and fail in it.
             std::process::exit(EXIT_FAILED.into());
@@ -231,13 +250,13 @@ async fn run(path: PathBuf, options: RunOptions) -> ExitCode {
     };
     match result {
         Ok(summary) => {
-            say!("runnel: {summary}");
+            say!(info, "runnel: {summary}");
             ExitCode::SUCCESS
         }
         Err(err) => match err.downcast_ref::<ConfigError>() {
             Some(config) => invalid(config),
             None => {
-                say!("runnel: {}", error_text(&err));
+                say!(error, "runnel: {}", error_text(&err));
                 ExitCode::from(EXIT_FAILED)
             }
         },
@@ -250,7 +269,7 @@ async fn lambda(path: PathBuf) -> ExitCode {
         Err(err) => match err.downcast_ref::<ConfigError>() {
             Some(config) => invalid(config),
             None => {
-                say!("runnel: {}", error_text(&err));
+                say!(error, "runnel: {}", error_text(&err));
                 ExitCode::from(EXIT_FAILED)
             }
         },
@@ -263,24 +282,27 @@ fn check(path: PathBuf) -> ExitCode {
         Err(code) => return code,
     };
     for warning in pipeline.warnings() {
-        say!("runnel: warning: {warning}");
+        say!(warn, "runnel: warning: {warning}");
     }
     // The service's environment may differ from this shell's.
     for missing in pipeline.missing_env() {
-        say!("runnel: warning: {missing}, in this environment: run stops unless its own sets it");
+        say!(
+            warn,
+            "runnel: warning: {missing}, in this environment: run stops unless its own sets it"
+        );
     }
     // What `run` would fail on at once, for a service that would else
     // restart over it: files it cannot write.
     for path in runnel::run::output_files(&pipeline) {
         if let Err(reason) = runnel::run::check_writable(&path) {
-            say!("runnel: {}: {reason}", pipeline.path.display());
+            say!(error, "runnel: {}: {reason}", pipeline.path.display());
             return ExitCode::from(EXIT_FAILED);
         }
     }
     let engine = match engine_for(&pipeline, &RunOptions::default()) {
         Ok(engine) => engine,
         Err(err) => {
-            say!("runnel: {}", error_text(&err));
+            say!(error, "runnel: {}", error_text(&err));
             return ExitCode::from(EXIT_FAILED);
         }
     };

@@ -160,6 +160,27 @@ type = "stdout"
         assert_eq!(seqs, sorted, "key k{key} out of order");
     }
     assert_eq!(outputs[0]["headers"]["seq"], "0", "headers carried through");
+
+    // With JSON logs, every line on stderr is JSON, the summary included.
+    let run = run_binary(
+        Path::new(BIN),
+        dir.path(),
+        &["--log-format", "json", "run", "p.toml"],
+        input.as_bytes(),
+    );
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let logged: Vec<Value> = run
+        .stderr
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    assert!(
+        logged
+            .iter()
+            .any(|l| l["fields"]["message"] == "500 in: 500 produced output, 0 filtered, 0 dead-lettered; 500 out (0 from timers); 0 dead-letter entries"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
