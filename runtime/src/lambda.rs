@@ -902,22 +902,23 @@ fn http_answer(outputs: &[&Record], dead_lettered: bool, reason: String) -> anyh
     }
     Ok(match outputs {
         [] => json!({ "statusCode": 204, "body": "", "isBase64Encoded": false }),
-        [only] => match std::str::from_utf8(&only.payload) {
-            Ok(text) => json!({
+        [only] => match AnswerPayload::of(&only.payload) {
+            AnswerPayload::Binary { base64 } => json!({
                 "statusCode": 200,
-                "headers": if serde_json::from_str::<&RawValue>(text).is_ok() {
+                "headers": { "content-type": "application/octet-stream" },
+                "body": base64,
+                "isBase64Encoded": true,
+            }),
+            // JSON or text, so UTF-8: the body is the payload as it is.
+            kind => json!({
+                "statusCode": 200,
+                "headers": if matches!(kind, AnswerPayload::Json(_)) {
                     json_headers
                 } else {
                     json!({ "content-type": "text/plain; charset=utf-8" })
                 },
-                "body": text,
+                "body": String::from_utf8_lossy(&only.payload),
                 "isBase64Encoded": false,
-            }),
-            Err(_) => json!({
-                "statusCode": 200,
-                "headers": { "content-type": "application/octet-stream" },
-                "body": base64::engine::general_purpose::STANDARD.encode(&only.payload),
-                "isBase64Encoded": true,
             }),
         },
         many => {
