@@ -281,6 +281,17 @@ struct Poller {
     closing: Arc<AtomicBool>,
 }
 
+/// A warning about a connection's spool, with how much it holds.
+fn log_spool(connection: &str, spool: &Spool, message: &str) {
+    tracing::warn!(
+        connection,
+        spooled_messages = spool.count(),
+        spooled_kib = spool.bytes() / 1024,
+        max_mib = spool.max_mb(),
+        "{message}"
+    );
+}
+
 /// A connection that lasts this long was not refused or taken over.
 const STABLE_CONNECTION: Duration = Duration::from_secs(5);
 
@@ -700,13 +711,7 @@ impl Publisher {
             } else {
                 "broker out of reach: messages are spooled"
             };
-            tracing::warn!(
-                connection = %self.name,
-                spooled_messages = spool.count(),
-                spooled_kib = spool.bytes() / 1024,
-                max_mib = spool.max_mb(),
-                "{why}"
-            );
+            log_spool(&self.name, spool, why);
             self.spool_logged = Some(Instant::now());
         }
         Ok(())
@@ -723,12 +728,10 @@ impl Publisher {
         }
         self.spool_full_logged = Some(Instant::now());
         if let Some(spool) = &self.spool {
-            tracing::warn!(
-                connection = %self.name,
-                spooled_messages = spool.count(),
-                spooled_kib = spool.bytes() / 1024,
-                max_mib = spool.max_mb(),
-                "spool full: new outputs wait, and their inputs stay unacknowledged, until it drains"
+            log_spool(
+                &self.name,
+                spool,
+                "spool full: new outputs wait, and their inputs stay unacknowledged, until it drains",
             );
         }
     }
@@ -798,6 +801,9 @@ impl Publisher {
         }
         // A spool replay is simply read again later.
         if self.replay.take().is_some() {
+            if let Some(spool) = self.spool.as_mut() {
+                spool.replaying(None);
+            }
             let queue = std::mem::take(&mut self.queue);
             self.queue = queue.into_iter().filter(|p| !self.is_replayed(p)).collect();
             self.batches
@@ -969,6 +975,7 @@ impl Publisher {
                 remaining: count,
             },
         );
+        spool.replaying(Some(peeked.end));
         self.replay = Some(peeked.end);
         // Replayed messages go before anything queued.
         for (index, message) in peeked.messages.into_iter().enumerate().rev() {
