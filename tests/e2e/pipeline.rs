@@ -253,6 +253,33 @@ fn second_start_loads_stages_from_the_compile_cache() {
     );
 }
 
+/// A stage file rebuilt in place is compiled again, not served from the
+/// cache entry of its old contents, and the old entry stays for a rollback.
+#[test]
+fn a_stage_rebuilt_in_place_is_compiled_again() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let wasm = dir.path().join("stage.wasm");
+    std::fs::copy(runnel_tests::stage("passthrough"), &wasm).expect("copy stage");
+    std::fs::write(
+        dir.path().join("pipeline.toml"),
+        "[source]\ntype = \"stdin\"\n[sink]\ntype = \"stdout\"\n[[stage]]\nname = \"one\"\nwasm = \"stage.wasm\"\n",
+    )
+    .expect("write pipeline");
+    let cache = dir.path().join("cache");
+    let (ok, out) = check_with_cache(dir.path(), &cache, None);
+    assert!(ok, "{out}");
+    assert!(out.contains("from_cache=false"), "{out}");
+    let (ok, out) = check_with_cache(dir.path(), &cache, None);
+    assert!(ok, "{out}");
+    assert!(out.contains("from_cache=true"), "{out}");
+
+    std::fs::copy(runnel_tests::stage("validate"), &wasm).expect("replace stage");
+    let (ok, out) = check_with_cache(dir.path(), &cache, None);
+    assert!(ok, "{out}");
+    assert!(out.contains("from_cache=false"), "{out}");
+    assert_eq!(cache_entries(&cache).len(), 2, "one entry per content");
+}
+
 /// A cache made with RUNNEL_CPU=portable (as a Lambda package's is) holds
 /// entries of its own, apart from this machine's native ones, and a second
 /// portable start loads them.

@@ -26,27 +26,43 @@ impl CompileCache {
         }
     }
 
-    /// The component for these wasm bytes: from the cache when it is there,
-    /// else compiled and stored. A cache that cannot be written is logged
-    /// and skipped; the stage still runs.
-    pub fn load(
+    /// The compiled stage for the wasm `file` holds, if this cache has it.
+    /// The file is hashed as it is read, in small pieces: reading it whole
+    /// into memory first cost more of a Lambda cold start than the hash.
+    pub fn find(
         &self,
         engine: &wasmtime::Engine,
-        wasm: &[u8],
-    ) -> wasmtime::Result<(Component, CacheOutcome)> {
-        let path = self.entry(wasm);
-        if path.exists() {
-            // SAFETY: the file is one this cache wrote with `precompile_component`
-            // under a key that includes the engine's compatibility hash, and it
-            // is written whole (temp file, then rename) so it is never partial.
-            match unsafe { Component::deserialize_file(engine, &path) } {
-                Ok(component) => return Ok((component, CacheOutcome::Hit)),
-                Err(err) => tracing::warn!(
+        file: &mut std::fs::File,
+    ) -> std::io::Result<Option<Component>> {
+        let mut hasher = self.hasher();
+        hasher.update_reader(file)?;
+        let path = self.entry(hasher);
+        if !path.exists() {
+            return Ok(None);
+        }
+        // SAFETY: the file is one this cache wrote with `precompile_component`
+        // under a key that includes the engine's compatibility hash, and it
+        // is written whole (temp file, then rename) so it is never partial.
+        match unsafe { Component::deserialize_file(engine, &path) } {
+            Ok(component) => Ok(Some(component)),
+            Err(err) => {
+                tracing::warn!(
                     path = %path.display(),
                     "compiled stage in the cache is unusable, compiling again: {err:#}"
-                ),
+                );
+                Ok(None)
             }
         }
+    }
+
+    /// Compiles these wasm bytes and stores the result under their own hash
+    /// (not that of an earlier read of the file, which may have changed
+    /// since). A cache that cannot be written is logged and skipped; the
+    /// stage still runs.
+    pub fn compile(&self, engine: &wasmtime::Engine, wasm: &[u8]) -> wasmtime::Result<Component> {
+        let mut hasher = self.hasher();
+        hasher.update(wasm);
+        let path = self.entry(hasher);
         let compiled = engine.precompile_component(wasm)?;
         if let Err(err) = write_whole(&path, &compiled) {
             tracing::warn!(
@@ -56,13 +72,16 @@ impl CompileCache {
         }
         // SAFETY: these bytes came from `precompile_component` on this engine just now.
         let component = unsafe { Component::deserialize(engine, &compiled)? };
-        Ok((component, CacheOutcome::Compiled))
+        Ok(component)
     }
 
-    fn entry(&self, wasm: &[u8]) -> PathBuf {
+    fn hasher(&self) -> blake3::Hasher {
         let mut hasher = blake3::Hasher::new();
         hasher.update(&self.engine_hash.to_le_bytes());
-        hasher.update(wasm);
+        hasher
+    }
+
+    fn entry(&self, hasher: blake3::Hasher) -> PathBuf {
         self.dir
             .join(format!("{}.cwasm", hasher.finalize().to_hex()))
     }

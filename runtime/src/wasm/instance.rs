@@ -1,3 +1,5 @@
+use std::fs::File;
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,24 +82,49 @@ impl LoadedStage {
         config_json: String,
         limits: StageLimits,
     ) -> Result<Self, LoadError> {
-        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+        let read_error = |source| LoadError::Read {
             path: path.to_owned(),
             source,
-        })?;
-        check_header(path, &bytes)?;
+        };
+        let mut file = File::open(path).map_err(read_error)?;
+        let mut header = Vec::with_capacity(8);
+        (&mut file)
+            .take(8)
+            .read_to_end(&mut header)
+            .map_err(read_error)?;
+        check_header(path, &header)?;
         let invalid = |err: wasmtime::Error| LoadError::Invalid {
             path: path.to_owned(),
             reason: format!("{err:#}"),
         };
-        let (component, cache) = match &engine.cache {
+        // A cached stage is found by hashing the file as it is read; only a
+        // stage to compile is read into memory whole.
+        let cached = match &engine.cache {
             Some(cache) => {
-                let (component, outcome) = cache.load(&engine.engine, &bytes).map_err(invalid)?;
-                (component, Some(outcome))
+                file.rewind().map_err(read_error)?;
+                cache.find(&engine.engine, &mut file).map_err(read_error)?
             }
-            None => (
-                Component::new(&engine.engine, &bytes).map_err(invalid)?,
-                None,
-            ),
+            None => None,
+        };
+        let (component, cache) = match cached {
+            Some(component) => (component, Some(CacheOutcome::Hit)),
+            None => {
+                let mut bytes = Vec::new();
+                file.rewind().map_err(read_error)?;
+                file.read_to_end(&mut bytes).map_err(read_error)?;
+                // The file may have changed since its header was read.
+                check_header(path, &bytes)?;
+                match &engine.cache {
+                    Some(cache) => (
+                        cache.compile(&engine.engine, &bytes).map_err(invalid)?,
+                        Some(CacheOutcome::Compiled),
+                    ),
+                    None => (
+                        Component::new(&engine.engine, &bytes).map_err(invalid)?,
+                        None,
+                    ),
+                }
+            }
         };
         let wrong_world = |err: wasmtime::Error| LoadError::WrongWorld {
             path: path.to_owned(),
