@@ -293,7 +293,7 @@ wasm = {wasm:?}
 [sink]
 type = "mqtt"
 connection = "out"
-topic = "out/{{key}}"
+topic = "out/{{key}}/{{key}}"
 
 [dead_letter]
 type = "file"
@@ -321,11 +321,14 @@ path = "dead.jsonl"
                 // Too large for the source.
                 (topic("dev-3"), padded(3, 600 << 10)),
                 (topic("dev-4"), padded(4, 100)),
+                // A key whose output topic would be over MQTT's 65,535 bytes:
+                // sent anyway, its length would wrap into another topic.
+                (topic(&"k".repeat(40_000)), padded(5, 100)),
             ],
         );
         let got = collector.wait_until(DELIVERY, |got| distinct(got).len() == 2);
         let dead_file = dir.path().join("dead.jsonl");
-        wait_for_lines(&dead_file, 2);
+        wait_for_lines(&dead_file, 3);
         let run = runnel.stop();
         assert_eq!(
             distinct(&got),
@@ -334,9 +337,20 @@ path = "dead.jsonl"
             run.stderr
         );
         let dead = read_json_lines(&dead_file);
-        assert_eq!(dead.len(), 2, "{protocol}: {dead:?}\n{}", run.stderr);
+        assert_eq!(dead.len(), 3, "{protocol}: {dead:?}\n{}", run.stderr);
+        let long_topic = dead
+            .iter()
+            .find(|d| d["record"]["key"].as_str().map(str::len) == Some(40_000))
+            .expect("the record with the long key is dead-lettered");
+        assert_eq!(long_topic["stage"], "sink", "{protocol}");
+        let reason = long_topic["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("the topic would be 80005 bytes, over MQTT's limit of 65535"),
+            "{protocol}: {reason}"
+        );
         let by_stage: std::collections::HashMap<&str, &serde_json::Value> = dead
             .iter()
+            .filter(|d| d["record"]["key"].as_str().map(str::len) != Some(40_000))
             .map(|d| (d["stage"].as_str().unwrap_or_default(), d))
             .collect();
         let sink = by_stage.get("sink").expect("a dead letter from the sink");
@@ -357,7 +371,7 @@ path = "dead.jsonl"
         );
         assert_eq!(run.status, Some(0), "{protocol}: {}", run.stderr);
         let n = summary_numbers(run.summary());
-        assert_eq!(&n[..4], &[4, 2, 0, 2], "{protocol}: {}", run.summary());
+        assert_eq!(&n[..4], &[5, 2, 0, 3], "{protocol}: {}", run.summary());
         assert!(
             !run.stderr.contains("reconnected"),
             "{protocol}: no connection dropped over them:\n{}",

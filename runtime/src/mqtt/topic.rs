@@ -141,6 +141,23 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
     parts.next().is_none()
 }
 
+/// The longest topic MQTT can carry: its length is a 16-bit field, and a
+/// longer one would be sent with its length wrapped, as a different topic.
+pub const MAX_TOPIC_BYTES: usize = 65_535;
+
+/// The longest start of `text` of at most `max` bytes that ends on a
+/// character boundary.
+fn cut_at_char(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// `alerts/{key}` or `gw-7/{topic}`: the topic an output is published to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicTemplate {
@@ -199,6 +216,17 @@ impl TopicTemplate {
         if topic.contains(['+', '#', '\0']) {
             return Err(format!("`{topic}` is not a topic one can publish to"));
         }
+        if topic.len() > MAX_TOPIC_BYTES {
+            if fill.is_none() {
+                return Err(format!(
+                    "the topic would be {} bytes, over MQTT's limit of {MAX_TOPIC_BYTES}: `{}…`",
+                    topic.len(),
+                    cut_at_char(&topic, 60)
+                ));
+            }
+            let cut = cut_at_char(&topic, MAX_TOPIC_BYTES).len();
+            topic.truncate(cut);
+        }
         Ok(topic)
     }
 
@@ -245,6 +273,25 @@ mod tests {
         let p = KeyPattern::parse("site/{key}/#").expect("pattern");
         assert!(p.could_fit("site/+"));
         assert!(!p.could_fit("plant/+"));
+    }
+
+    #[test]
+    fn a_topic_over_mqtts_limit_is_refused_or_cut_for_a_dead_letter() {
+        let template = TopicTemplate::parse("out/{topic}").expect("template");
+        let record = Record {
+            topic: Some(format!("in/{}", "é".repeat(40_000))),
+            ..Record::default()
+        };
+        let err = template.render(&record).expect_err("too long");
+        assert!(
+            err.contains("80007 bytes, over MQTT's limit of 65535"),
+            "{err}"
+        );
+        let cut = template
+            .render_filling(&record, Some("_"))
+            .expect("a dead letter still has a topic");
+        assert!(cut.len() <= MAX_TOPIC_BYTES && cut.len() >= MAX_TOPIC_BYTES - 1);
+        assert!(cut.starts_with("out/in/é"));
     }
 
     #[test]
