@@ -646,7 +646,7 @@ impl Publisher {
                     return;
                 }
                 // Waits in the queue, its input unacknowledged.
-                Err(SpoolError::Full { .. }) => self.log_spool_full(),
+                Err(err) if err.is_full() => self.log_spool_full(&err),
                 Err(err) => {
                     let _ = done.send(Err(err.to_string()));
                     return;
@@ -719,7 +719,7 @@ impl Publisher {
 
     /// At most every few seconds while the spool is full: with `refuse-new`,
     /// outputs then wait in memory and their inputs at their broker.
-    fn log_spool_full(&mut self) {
+    fn log_spool_full(&mut self, err: &SpoolError) {
         if self
             .spool_full_logged
             .is_some_and(|at| at.elapsed() < Duration::from_secs(5))
@@ -728,11 +728,16 @@ impl Publisher {
         }
         self.spool_full_logged = Some(Instant::now());
         if let Some(spool) = &self.spool {
-            log_spool(
-                &self.name,
-                spool,
-                "spool full: new outputs wait, and their inputs stay unacknowledged, until it drains",
-            );
+            let why = match err {
+                SpoolError::NoSpace { .. } => format!(
+                    "{err}: new outputs wait, and their inputs stay unacknowledged, until \
+                     the spool drains or room is made on the disk (max_mb is more than it has)"
+                ),
+                _ => "spool full: new outputs wait, and their inputs stay unacknowledged, \
+                      until it drains"
+                    .to_string(),
+            };
+            log_spool(&self.name, spool, &why);
         }
     }
 
@@ -927,8 +932,8 @@ impl Publisher {
                 }
             }
             Err(err) => {
-                if matches!(err, SpoolError::Full { .. }) {
-                    self.log_spool_full();
+                if err.is_full() {
+                    self.log_spool_full(&err);
                 } else {
                     tracing::error!(connection = %self.name, "{err}");
                 }

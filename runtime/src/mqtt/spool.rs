@@ -51,6 +51,28 @@ pub enum SpoolError {
     },
     #[error("spool is full ({max_mb} MiB) and set to refuse new messages")]
     Full { max_mb: u64 },
+    #[error("spool {path}: {source}")]
+    NoSpace {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl SpoolError {
+    /// The spool takes nothing more for now, but nothing is broken: new
+    /// messages wait, their inputs unacknowledged, until it drains.
+    pub fn is_full(&self) -> bool {
+        matches!(self, SpoolError::Full { .. } | SpoolError::NoSpace { .. })
+    }
+}
+
+/// Whether a write failed for want of room on the disk, which delivering
+/// what is spooled will make.
+fn out_of_room(err: &std::io::Error) -> bool {
+    matches!(
+        err.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// The file in a spool's folder that holds the messages.
@@ -188,8 +210,24 @@ impl Spool {
                 WhenFull::DropOldest => self.drop_oldest(needed)?,
             }
         }
-        self.file.write_all(&text).map_err(|e| self.io(e))?;
-        self.file.sync_data().map_err(|e| self.io(e))?;
+        let written = self
+            .file
+            .write_all(&text)
+            .and_then(|()| self.file.sync_data());
+        if let Err(err) = written {
+            // Cut what part of the messages did reach the file: the next
+            // append would otherwise follow a torn line, and the message
+            // after it would be lost when the file is read back.
+            let _ = self.file.set_len(self.len);
+            return Err(if out_of_room(&err) {
+                SpoolError::NoSpace {
+                    path: self.dir.clone(),
+                    source: err,
+                }
+            } else {
+                self.io(err)
+            });
+        }
         self.len += needed;
         self.count += messages.len() as u64;
         Ok(())
@@ -289,11 +327,16 @@ impl Spool {
         }
         let data = self.dir.join("spool.jsonl");
         let tmp = self.dir.join("spool.jsonl.tmp");
-        {
-            let mut reader = self.reader_at(self.pos)?;
+        let copied = self.reader_at(self.pos).and_then(|mut reader| {
             let mut out = File::create(&tmp).map_err(|e| self.io(e))?;
             std::io::copy(&mut reader, &mut out).map_err(|e| self.io(e))?;
-            out.sync_data().map_err(|e| self.io(e))?;
+            out.sync_data().map_err(|e| self.io(e))
+        });
+        if let Err(err) = copied {
+            // On a full disk a partial copy would only take more of it; the
+            // file is compacted on a later commit instead.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(err);
         }
         // The new file holds no delivered bytes, so `pos` must read 0 before
         // the rename; a crash in between replays, never skips.
@@ -323,6 +366,43 @@ mod tests {
             retain: false,
             properties: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_failed_append_leaves_no_torn_line_behind() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut spool = Spool::open(dir.path(), 1, WhenFull::RefuseNew).expect("open");
+        spool.append(&[msg(0)]).expect("append");
+        let good = spool.len;
+        // A handle that cannot write stands in for a disk that fails.
+        let writable = std::mem::replace(
+            &mut spool.file,
+            File::open(dir.path().join(SPOOL_FILE)).expect("read-only handle"),
+        );
+        assert!(spool.append(&[msg(1)]).is_err());
+        spool.file = writable;
+        assert_eq!(spool.len, good);
+        assert_eq!(spool.count(), 1);
+        spool.append(&[msg(2)]).expect("append after the failure");
+        let reopened = Spool::open(dir.path(), 1, WhenFull::RefuseNew).expect("reopen");
+        assert_eq!(topics(&reopened.peek(10).expect("peek")), ["t/0", "t/2"]);
+    }
+
+    #[test]
+    fn a_full_disk_counts_as_a_full_spool() {
+        assert!(out_of_room(&std::io::Error::from(
+            std::io::ErrorKind::StorageFull
+        )));
+        assert!(out_of_room(&std::io::Error::from_raw_os_error(28)));
+        assert!(!out_of_room(&std::io::Error::from(
+            std::io::ErrorKind::PermissionDenied
+        )));
+        let no_space = SpoolError::NoSpace {
+            path: PathBuf::from("spool"),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        assert!(no_space.is_full());
+        assert!(SpoolError::Full { max_mb: 1 }.is_full());
     }
 
     fn topics(p: &Peeked) -> Vec<String> {
