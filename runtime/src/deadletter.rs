@@ -16,17 +16,47 @@ struct Entry<'a> {
     at: i64,
     /// The record as it reached the stage, in the JSON-lines record format.
     record: Box<RawValue>,
+    /// Why the record's payload is left out, when it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload_omitted: Option<String>,
 }
 
 /// The record a dead-letter sink writes: its payload is one JSON object with
 /// the pipeline, the stage, the reason and the record itself.
 pub fn to_record(pipeline: &str, dead: &DeadLetter, now_ms: i64) -> Record {
+    entry_record(pipeline, dead, now_ms, record_json(&dead.record), None)
+}
+
+/// [`to_record`] with the record's payload left out and the reason why, for
+/// a dead-letter sink that refused the whole entry (an MQTT connection's
+/// packet limit): the stage, the reason, key, topic and headers still get
+/// there.
+pub fn to_record_without_payload(
+    pipeline: &str,
+    dead: &DeadLetter,
+    now_ms: i64,
+    refusal: &str,
+) -> Record {
+    let mut record = dead.record.clone();
+    let bytes = std::mem::take(&mut record.payload).len();
+    let why = format!("{bytes} bytes; the dead-letter sink refused the whole entry: {refusal}");
+    entry_record(pipeline, dead, now_ms, record_json(&record), Some(why))
+}
+
+fn entry_record(
+    pipeline: &str,
+    dead: &DeadLetter,
+    now_ms: i64,
+    record: Box<RawValue>,
+    payload_omitted: Option<String>,
+) -> Record {
     let entry = Entry {
         pipeline,
         stage: &dead.stage,
         reason: &dead.reason,
         at: now_ms,
-        record: record_json(&dead.record),
+        record,
+        payload_omitted,
     };
     let payload = serde_json::to_vec(&entry).unwrap_or_else(|_| b"{}".to_vec());
     let mut record = Record::new(payload);
@@ -57,5 +87,15 @@ mod tests {
         assert_eq!(json["reason"], "dev-3: temperature 900 above maximum 125");
         assert_eq!(json["record"]["payload"]["t"], 900);
         assert_eq!(json["at"], 7);
+        assert!(json.get("payload_omitted").is_none());
+
+        let trimmed = to_record_without_payload("sensors", &dead, 7, "over max_packet_kb");
+        let json: serde_json::Value = serde_json::from_slice(&trimmed.payload).expect("json");
+        assert_eq!(json["stage"], "validate");
+        assert_eq!(json["record"]["text"], "");
+        assert_eq!(
+            json["payload_omitted"],
+            "9 bytes; the dead-letter sink refused the whole entry: over max_packet_kb"
+        );
     }
 }

@@ -743,15 +743,40 @@ impl Runner {
             tracing::warn!(stage = %dead.stage, reason = %dead.reason, "dead letter");
         }
         let refused = self.dead_sink.send(&entries).await?;
-        for entry in &refused {
-            // Nowhere further to send it: the log is its last place.
-            tracing::error!(
-                entry = %String::from_utf8_lossy(&entries[entry.index].payload),
-                "the dead-letter sink refused an entry: {}",
-                entry.reason
-            );
+        if refused.is_empty() {
+            self.summary.dead_letters += entries.len() as u64;
+            return Ok(());
         }
-        self.summary.dead_letters += (entries.len() - refused.len()) as u64;
+        // Most often the record is what made the entry too large: the rest
+        // of it still goes, without the payload.
+        let trimmed: Vec<Record> = refused
+            .iter()
+            .map(|r| {
+                crate::deadletter::to_record_without_payload(
+                    &self.name,
+                    &dead_letters[r.index],
+                    now,
+                    &r.reason,
+                )
+            })
+            .collect();
+        let refused_again = self.dead_sink.send(&trimmed).await?;
+        for (i, first) in refused.iter().enumerate() {
+            match refused_again.iter().find(|r| r.index == i) {
+                None => tracing::warn!(
+                    stage = %dead_letters[first.index].stage,
+                    "the dead-letter sink refused an entry ({}); it was sent without the record's payload",
+                    first.reason
+                ),
+                // Nowhere further to send it: the log is its last place.
+                Some(again) => tracing::error!(
+                    entry = %String::from_utf8_lossy(&entries[first.index].payload),
+                    "the dead-letter sink refused an entry, even without the record's payload: {}",
+                    again.reason
+                ),
+            }
+        }
+        self.summary.dead_letters += (entries.len() - refused_again.len()) as u64;
         Ok(())
     }
 

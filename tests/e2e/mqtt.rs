@@ -227,6 +227,57 @@ fn the_embedded_broker_lets_an_oversized_message_reach_the_dead_letter() {
     assert_eq!(run.status, Some(0), "{}", run.stderr);
 }
 
+/// A dead letter too large for the MQTT connection it goes to still gets
+/// there, without the record's payload and saying why.
+#[test]
+fn a_dead_letter_over_the_packet_limit_arrives_without_its_payload() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    file_pipeline(
+        dir.path(),
+        &format!("broker = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\nmax_packet_kb = 2\n"),
+        &["sensors/#"],
+    );
+    let pipeline = dir.path().join("p.toml");
+    let text = std::fs::read_to_string(&pipeline)
+        .expect("read pipeline")
+        .replace(
+            "[dead_letter]\ntype = \"file\"\npath = \"dead.jsonl\"",
+            "[dead_letter]\ntype = \"mqtt\"\ntopic = \"dead/source\"\nqos = 1",
+        );
+    std::fs::write(&pipeline, text).expect("write pipeline");
+    let runnel = start(dir.path());
+    let collector = Collector::start(port, &["dead/#"]);
+    let big = format!("{{\"n\":1,\"pad\":\"{}\"}}", "x".repeat(5000));
+    publish_all(
+        port,
+        &[
+            ("sensors/a".to_string(), big.into_bytes()),
+            ("sensors/a".to_string(), b"{\"n\":2}".to_vec()),
+        ],
+    );
+    let got = collector.wait_until(DELIVERY, |got| !got.is_empty());
+    wait_for_lines(&dir.path().join("out.jsonl"), 1);
+    let run = runnel.stop();
+    assert_eq!(got.len(), 1, "{}", run.stderr);
+    let entry: serde_json::Value = serde_json::from_slice(&got[0].1).expect("JSON entry");
+    assert_eq!(entry["stage"], "source", "{entry}");
+    assert_eq!(entry["record"]["topic"], "sensors/a", "{entry}");
+    assert_eq!(entry["record"]["text"], "", "{entry}");
+    let omitted = entry["payload_omitted"].as_str().unwrap_or_default();
+    assert!(
+        omitted.starts_with("5016 bytes; the dead-letter sink refused the whole entry:")
+            && omitted.contains("max_packet_kb"),
+        "{omitted}"
+    );
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert!(
+        run.summary().ends_with("1 dead-letter entries"),
+        "{}",
+        run.summary()
+    );
+}
+
 #[test]
 fn mqtt5_user_properties_become_headers() {
     let dir = tempfile::tempdir().expect("temp dir");
