@@ -689,7 +689,14 @@ impl Runner {
             (None, None) => None,
         };
         if let Some(accepted) = accepted {
-            let rejected = accepted?;
+            let rejected = accepted.inspect_err(|err| {
+                // The run stops; its figures still count what got through.
+                let taken = err.accepted_before() as u64;
+                self.summary.outputs += taken;
+                if from_timer {
+                    self.summary.timer_outputs += taken;
+                }
+            })?;
             let accepted = (records.len() - rejected.len()) as u64;
             self.summary.outputs += accepted;
             if from_timer {

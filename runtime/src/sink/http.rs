@@ -140,6 +140,7 @@ impl Sink for HttpSink {
                         return Err(SinkError::Http {
                             url: self.url.to_string(),
                             reason: format!("{reason} (after {ATTEMPTS} tries){refused}"),
+                            accepted: index - rejected.len(),
                         });
                     }
                 }

@@ -104,6 +104,7 @@ impl SinkConfig {
                 .map_err(|reason| SinkError::Http {
                     url: url.clone(),
                     reason,
+                    accepted: 0,
                 })?,
             ),
             SinkConfig::Mqtt {
@@ -144,9 +145,24 @@ pub enum SinkError {
         source: std::io::Error,
     },
     #[error("http sink {url}: {reason}")]
-    Http { url: String, reason: String },
+    Http {
+        url: String,
+        reason: String,
+        /// Outputs of the same `send` the endpoint took before it failed.
+        accepted: usize,
+    },
     #[error("mqtt sink, connection `{connection}`: {reason}")]
     Broker { connection: String, reason: String },
+}
+
+impl SinkError {
+    /// Outputs of the failed `send` that were taken before it failed.
+    pub fn accepted_before(&self) -> usize {
+        match self {
+            SinkError::Http { accepted, .. } => *accepted,
+            _ => 0,
+        }
+    }
 }
 
 /// A record a sink would not take, and why; the runner dead-letters it.
