@@ -129,9 +129,13 @@ fn main() -> ExitCode {
         }
     };
     let code = match cli.command {
-        Command::Run { pipeline, no_cache } => {
-            runtime.block_on(run(pipeline, RunOptions { no_cache }))
-        }
+        Command::Run { pipeline, no_cache } => runtime.block_on(run(
+            pipeline,
+            RunOptions {
+                no_cache,
+                ..RunOptions::default()
+            },
+        )),
         Command::Check { pipeline } => check(pipeline),
         Command::Lambda { pipeline } => {
             let pipeline = pipeline.unwrap_or_else(lambda_pipeline);
@@ -223,12 +227,19 @@ async fn run(path: PathBuf, options: RunOptions) -> ExitCode {
         let mut stops = stops.clone();
         async move {
             stop_requested(&mut stops, 1).await;
+            say!(
+                info,
+                "runnel: stopping: what was read is processed and its outputs delivered, for up \
+                 to {} s; a second Ctrl-C or SIGTERM stops at once",
+                STOP_GRACE.as_secs()
+            );
             tokio::select! {
                 () = tokio::time::sleep(STOP_GRACE) => {}
                 () = stop_requested(&mut stops, 2) => {}
             }
         }
     };
+    let progress = options.progress.clone();
     let result = tokio::select! {
         result = runnel::run(&pipeline, &options, shutdown) => result,
         () = give_up => {
@@ -243,6 +254,9 @@ async fn run(path: PathBuf, options: RunOptions) -> ExitCode {
                 _ => "they were not delivered",
             };
             say!(error, "runnel: stopped without waiting longer for outputs under way: {inputs}");
+            if let Ok(progress) = progress.lock() {
+                say!(info, "runnel: until then: {progress}");
+            }
             // At once: a stage call still running would outlive the async
             // runtime's shutdown and fail in it.
             std::process::exit(EXIT_FAILED.into());
@@ -331,15 +345,19 @@ fn stop_requests() -> watch::Receiver<u32> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        if let (Ok(mut interrupt), Ok(mut terminate)) = (
+        // SIGHUP too (a closed terminal or ssh session): by default it would
+        // end the process on the spot, with no last flush and no figures.
+        if let (Ok(mut interrupt), Ok(mut terminate), Ok(mut hangup)) = (
             signal(SignalKind::interrupt()),
             signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
         ) {
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
                         Some(()) = interrupt.recv() => {}
                         Some(()) = terminate.recv() => {}
+                        Some(()) = hangup.recv() => {}
                         else => break,
                     }
                     requests.send_modify(|n| *n += 1);

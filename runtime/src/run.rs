@@ -25,6 +25,9 @@ pub const DEFAULT_DEAD_LETTER: &str = "dead-letter.jsonl";
 pub struct RunOptions {
     /// Compile every stage afresh instead of using the on-disk cache.
     pub no_cache: bool,
+    /// The run's figures as they stand, kept up to date as it goes, for a
+    /// caller that stops waiting for it.
+    pub progress: Arc<std::sync::Mutex<Summary>>,
 }
 
 /// Where a pipeline's dead letters go: its `[dead_letter]`, or by default
@@ -283,6 +286,7 @@ pub(crate) struct Runner {
     in_flight: std::collections::VecDeque<Delivery>,
     /// Where the figures go after each step, when `[metrics]` is set.
     metrics: Option<Arc<Metrics>>,
+    progress: Arc<std::sync::Mutex<Summary>>,
 }
 
 /// A chain output handed to the sink, its acceptance still to come.
@@ -372,6 +376,7 @@ impl Runner {
             batch_size: pipeline.file.pipeline.batch_size,
             in_flight: std::collections::VecDeque::new(),
             metrics: None,
+            progress: options.progress.clone(),
         })
     }
 
@@ -467,8 +472,9 @@ impl Runner {
                     // what windows hold.
                     while let Some(batch) = source.take_pending(batch_size) {
                         self.handle(source, batch, clock).await?;
+                        self.publish_metrics();
                     }
-                    tracing::info!("stopping: what was read is processed and delivered");
+                    tracing::info!("stopping: what was read before the stop is processed");
                     break;
                 }
                 reason = self.connections.failed() => {
@@ -504,6 +510,9 @@ impl Runner {
         if let Some(metrics) = &self.metrics {
             let stages = self.chain.as_ref().map(Chain::stats);
             metrics.update(&self.summary, stages);
+        }
+        if let Ok(mut progress) = self.progress.lock() {
+            progress.clone_from(&self.summary);
         }
     }
 

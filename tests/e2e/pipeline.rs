@@ -410,6 +410,13 @@ fn a_live_window_closes_on_the_wall_clock_while_input_stays_open() {
 
 #[test]
 fn sigterm_drains_what_was_read_and_exits_cleanly() {
+    // SIGHUP as well: a closed terminal must not cut a run short.
+    for signal in ["-TERM", "-HUP"] {
+        stop_by_signal_drains_what_was_read(signal);
+    }
+}
+
+fn stop_by_signal_drains_what_was_read(signal: &str) {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().expect("temp dir");
     let pipeline = format!(
@@ -434,12 +441,16 @@ fn sigterm_drains_what_was_read_and_exits_cleanly() {
         );
     }
     let kill = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([signal, &child.id().to_string()])
         .status()
         .expect("kill");
     assert!(kill.success());
     let status = child.wait().expect("wait");
-    assert_eq!(status.code(), Some(0), "a requested stop is a clean exit");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{signal}: a requested stop is a clean exit"
+    );
     let mut stderr = String::new();
     child
         .stderr
@@ -454,7 +465,7 @@ fn sigterm_drains_what_was_read_and_exits_cleanly() {
         .to_string();
     assert!(
         summary.starts_with("runnel: 10 in: 10 produced output"),
-        "{stderr}"
+        "{signal}: {stderr}"
     );
     assert_eq!(seen[9], "reading 9");
 }
