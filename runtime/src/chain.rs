@@ -74,6 +74,9 @@ struct Slot {
 /// Stages in order, each with one live instance.
 pub struct Chain {
     slots: Vec<Slot>,
+    /// The most records one call into a stage takes: a stage that fans
+    /// out must not hand the next one a call its deadline was not set for.
+    max_call_records: usize,
 }
 
 impl Chain {
@@ -90,7 +93,17 @@ impl Chain {
                 stats: StageStats::default(),
             });
         }
-        Ok(Chain { slots })
+        Ok(Chain {
+            slots,
+            max_call_records: usize::MAX,
+        })
+    }
+
+    /// Calls into a stage take at most `records` records (the pipeline's
+    /// `batch_size`), however many the stage before it made.
+    pub fn with_max_call_records(mut self, records: usize) -> Self {
+        self.max_call_records = records.max(1);
+        self
     }
 
     pub fn stats(&self) -> impl Iterator<Item = (&str, &StageStats)> {
@@ -108,7 +121,7 @@ impl Chain {
             if current.is_empty() {
                 break;
             }
-            current = slot.process(current, &mut dead_letters);
+            current = slot.process(current, self.max_call_records, &mut dead_letters);
         }
         settle(inputs, current.into_records(), dead_letters)
     }
@@ -121,7 +134,7 @@ impl Chain {
         let mut dead_letters = Vec::new();
         for slot in &mut self.slots {
             if !current.is_empty() {
-                current = slot.process(current, &mut dead_letters);
+                current = slot.process(current, self.max_call_records, &mut dead_letters);
             }
             if let Some(emitted) = slot.flush(now_ms, end_of_input, &mut dead_letters) {
                 current = append(current, &emitted);
@@ -157,14 +170,19 @@ impl Slot {
             .ok_or_else(|| CallError::Contract("no instance".into()))
     }
 
-    /// A batch through this stage, in calls of at most an eighth of its
-    /// memory cap: the stage holds a call's records about four times over
-    /// (the batch, its own copies, the outputs and their encoding), and a
-    /// batch of large records must not hit the cap and take the stage's
-    /// state with it.
-    fn process(&mut self, batch: Encoded, dead_letters: &mut Vec<DeadLetter>) -> Encoded {
+    /// A batch through this stage, in calls of at most `max_records`
+    /// records and an eighth of its memory cap: the stage holds a call's
+    /// records about four times over (the batch, its own copies, the
+    /// outputs and their encoding), and a batch of large records must not
+    /// hit the cap and take the stage's state with it.
+    fn process(
+        &mut self,
+        batch: Encoded,
+        max_records: usize,
+        dead_letters: &mut Vec<DeadLetter>,
+    ) -> Encoded {
         let max_call_bytes = (self.stage.limits().memory_bytes / 8).max(1);
-        let mut parts = batch.split_by_bytes(max_call_bytes).into_iter();
+        let mut parts = batch.split(max_call_bytes, max_records).into_iter();
         let Some(first) = parts.next() else {
             return Encoded::with_capacity(0, 0);
         };

@@ -99,18 +99,19 @@ impl Encoded {
         one
     }
 
-    /// The records in runs of consecutive ones whose bytes add up to at
-    /// most `max_bytes`, each run at least one record; the batch itself
-    /// when it fits.
-    pub fn split_by_bytes(self, max_bytes: usize) -> Vec<Encoded> {
-        if self.buf.len() <= max_bytes {
+    /// The records in runs of consecutive ones, at most `max_records` of
+    /// them whose bytes add up to at most `max_bytes`, each run at least one
+    /// record; the batch itself when it fits.
+    pub fn split(self, max_bytes: usize, max_records: usize) -> Vec<Encoded> {
+        if self.buf.len() <= max_bytes && self.len() <= max_records {
             return vec![self];
         }
         let mut parts = Vec::new();
         let mut part = Encoded::with_capacity(max_bytes.min(self.buf.len()), 0);
         for i in 0..self.len() {
             let range = self.ranges[i].clone();
-            if !part.is_empty() && part.buf.len() + range.len() > max_bytes {
+            let full = part.buf.len() + range.len() > max_bytes || part.len() >= max_records;
+            if !part.is_empty() && full {
                 part.seal();
                 parts.push(std::mem::replace(
                     &mut part,
@@ -248,7 +249,7 @@ mod tests {
             .collect();
         let batch = Encoded::from_records(&records, (0..4).map(Some));
         let whole = batch.buf.len();
-        let parts = Encoded::from_records(&records, (0..4).map(Some)).split_by_bytes(120);
+        let parts = Encoded::from_records(&records, (0..4).map(Some)).split(120, 64);
         let shapes: Vec<Vec<Option<usize>>> = parts.iter().map(|p| p.origins.clone()).collect();
         // The long one goes alone, over the limit, rather than not at all.
         assert_eq!(
@@ -261,7 +262,13 @@ mod tests {
             .map(|(_, r)| r)
             .collect();
         assert_eq!(again, records);
-        assert_eq!(batch.split_by_bytes(whole).len(), 1);
+        let by_count: Vec<Vec<Option<usize>>> = Encoded::from_records(&records, (0..4).map(Some))
+            .split(whole, 3)
+            .iter()
+            .map(|p| p.origins.clone())
+            .collect();
+        assert_eq!(by_count, [vec![Some(0), Some(1), Some(2)], vec![Some(3)]]);
+        assert_eq!(batch.split(whole, 4).len(), 1);
     }
 
     fn answer() -> Vec<u8> {

@@ -197,7 +197,7 @@ pub fn load_stages(pipeline: &Pipeline, engine: &Engine) -> Result<Vec<LoadedSta
 /// whole of what `runnel run` does before it reads a record.
 pub fn start_chain(pipeline: &Pipeline, engine: &Engine) -> Result<Chain, ConfigError> {
     let stages = load_stages(pipeline, engine)?;
-    Chain::start(stages).map_err(|(name, err)| {
+    let chain = Chain::start(stages).map_err(|(name, err)| {
         let span = pipeline
             .file
             .stages
@@ -205,7 +205,8 @@ pub fn start_chain(pipeline: &Pipeline, engine: &Engine) -> Result<Chain, Config
             .find(|s| s.name.get_ref().as_str() == name)
             .map_or(0..0, |s| s.name.span());
         pipeline.error_at(span, format!("stage `{name}`: {err}"))
-    })
+    })?;
+    Ok(chain.with_max_call_records(pipeline.file.pipeline.batch_size))
 }
 
 /// Runs until the source ends or `shutdown` resolves, then drains: the batch

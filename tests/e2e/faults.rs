@@ -72,6 +72,26 @@ fn assert_counts_add_up(run: &Run, inputs: u64) {
     assert_eq!(n[0], n[1] + n[2] + n[3], "{}", run.summary());
 }
 
+/// A stage that fans out hands the next one calls of at most `batch_size`
+/// records, which is what that stage's deadline was set for.
+#[test]
+fn a_fan_out_reaches_the_next_stage_in_calls_of_batch_size() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let next = format!(
+        "[[stage]]\nname = \"after\"\nwasm = {:?}\n",
+        stage("faults").display().to_string()
+    );
+    let run = run_faults(dir.path(), &["fan 10"], &next);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert_eq!(outputs(dir.path()).len(), 10, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("stage=\"after\" calls=3 records_in=10"),
+        "{}",
+        run.stderr
+    );
+    assert_counts_add_up(&run, 1);
+}
+
 #[test]
 fn a_panicking_stage_loses_only_the_record_it_panicked_on() {
     let dir = tempfile::tempdir().expect("temp dir");

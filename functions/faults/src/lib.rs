@@ -5,7 +5,7 @@
 //! waiting in the host rather than running), `hog` (allocates without
 //! bound), `reject`, `write-file`, `read-env` (reports what environment it
 //! sees), `connect` (opens a TCP connection), `print` (writes to stdout and
-//! stderr, the last line with no newline), `miscount` (the whole batch's answer leaves out its last outcome).
+//! stderr, the last line with no newline), `fan N` (emits N records), `miscount` (the whole batch's answer leaves out its last outcome).
 //! Config: `fail_init = "reason"` makes `init` fail.
 
 use runnel_sdk::{Error, Record, Stage};
@@ -80,7 +80,19 @@ impl Stage for Faults {
                 let _ = std::io::Write::flush(&mut std::io::stdout());
                 Ok(vec![record])
             }
-            _ => Ok(vec![record]),
+            payload => match payload.strip_prefix(b"fan ") {
+                // `fan N`: N records, for a test of what a fan-out hands on.
+                Some(count) => {
+                    let count: usize = std::str::from_utf8(count)
+                        .ok()
+                        .and_then(|n| n.trim().parse().ok())
+                        .ok_or_else(|| Error::msg("fan takes a count"))?;
+                    Ok((0..count)
+                        .map(|i| Record::new(format!("copy {i}")))
+                        .collect())
+                }
+                None => Ok(vec![record]),
+            },
         }
     }
 }
