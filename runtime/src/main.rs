@@ -217,6 +217,9 @@ async fn run(path: PathBuf, options: RunOptions) -> ExitCode {
         say!(error, "runnel: {missing}");
         return ExitCode::from(EXIT_INVALID);
     }
+    if let Err(code) = environment_settings() {
+        return code;
+    }
     let shutdown = {
         let mut stops = stops.clone();
         async move { stop_requested(&mut stops, 1).await }
@@ -313,6 +316,9 @@ fn check(path: PathBuf) -> ExitCode {
             return ExitCode::from(EXIT_FAILED);
         }
     }
+    if let Err(code) = environment_settings() {
+        return code;
+    }
     let engine = match engine_for(&pipeline, &RunOptions::default()) {
         Ok(engine) => engine,
         Err(err) => {
@@ -372,6 +378,17 @@ fn stop_requests() -> watch::Receiver<u32> {
         }
     });
     count
+}
+
+/// Settings read from the environment (`RUNNEL_CPU`): a wrong one is as
+/// invalid as a wrong pipeline file, and a restart cannot fix it either.
+fn environment_settings() -> Result<(), ExitCode> {
+    runnel::wasm::CpuTarget::from_env()
+        .map(|_| ())
+        .map_err(|err| {
+            say!(error, "runnel: {err}");
+            ExitCode::from(EXIT_INVALID)
+        })
 }
 
 /// Resolves once `times` stops were asked for.

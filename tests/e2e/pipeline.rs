@@ -205,8 +205,8 @@ fn a_metrics_port_already_taken_stops_the_start_and_says_which() {
 }
 
 /// `runnel check` of the pipeline in `dir` with this cache and `RUNNEL_CPU`
-/// (unset when `None`): its exit status and stderr.
-fn check_with_cache(dir: &Path, cache: &Path, cpu: Option<&str>) -> (bool, String) {
+/// (unset when `None`): its exit code and stderr.
+fn check_with_cache(dir: &Path, cache: &Path, cpu: Option<&str>) -> (Option<i32>, String) {
     let mut command = std::process::Command::new(BIN);
     command
         .args(["check", "pipeline.toml"])
@@ -223,7 +223,7 @@ fn check_with_cache(dir: &Path, cache: &Path, cpu: Option<&str>) -> (bool, Strin
     let _guard = runnel_tests::Watchdog::new(child.id());
     let out = child.wait_with_output().expect("wait for check");
     (
-        out.status.success(),
+        out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
@@ -240,11 +240,11 @@ fn second_start_loads_stages_from_the_compile_cache() {
     let dir = tempfile::tempdir().expect("temp dir");
     demo_pipeline(dir.path());
     let cache = dir.path().join("cache");
-    let (ok, first) = check_with_cache(dir.path(), &cache, None);
-    assert!(ok, "{first}");
+    let (code, first) = check_with_cache(dir.path(), &cache, None);
+    assert_eq!(code, Some(0), "{first}");
     assert_eq!(first.matches("from_cache=false").count(), 5, "{first}");
-    let (ok, second) = check_with_cache(dir.path(), &cache, None);
-    assert!(ok, "{second}");
+    let (code, second) = check_with_cache(dir.path(), &cache, None);
+    assert_eq!(code, Some(0), "{second}");
     assert_eq!(second.matches("from_cache=true").count(), 5, "{second}");
     assert_eq!(
         cache_entries(&cache).len(),
@@ -266,16 +266,16 @@ fn a_stage_rebuilt_in_place_is_compiled_again() {
     )
     .expect("write pipeline");
     let cache = dir.path().join("cache");
-    let (ok, out) = check_with_cache(dir.path(), &cache, None);
-    assert!(ok, "{out}");
+    let (code, out) = check_with_cache(dir.path(), &cache, None);
+    assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("from_cache=false"), "{out}");
-    let (ok, out) = check_with_cache(dir.path(), &cache, None);
-    assert!(ok, "{out}");
+    let (code, out) = check_with_cache(dir.path(), &cache, None);
+    assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("from_cache=true"), "{out}");
 
     std::fs::copy(runnel_tests::stage("validate"), &wasm).expect("replace stage");
-    let (ok, out) = check_with_cache(dir.path(), &cache, None);
-    assert!(ok, "{out}");
+    let (code, out) = check_with_cache(dir.path(), &cache, None);
+    assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("from_cache=false"), "{out}");
     assert_eq!(cache_entries(&cache).len(), 2, "one entry per content");
 }
@@ -289,13 +289,13 @@ fn portable_cpu_target_has_its_own_cache_entries() {
     demo_pipeline(dir.path());
     let native_cache = dir.path().join("native");
     let portable_cache = dir.path().join("portable");
-    let (ok, out) = check_with_cache(dir.path(), &native_cache, Some("native"));
-    assert!(ok, "{out}");
-    let (ok, out) = check_with_cache(dir.path(), &portable_cache, Some("portable"));
-    assert!(ok, "{out}");
+    let (code, out) = check_with_cache(dir.path(), &native_cache, Some("native"));
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = check_with_cache(dir.path(), &portable_cache, Some("portable"));
+    assert_eq!(code, Some(0), "{out}");
     assert_eq!(out.matches("from_cache=false").count(), 5, "{out}");
-    let (ok, out) = check_with_cache(dir.path(), &portable_cache, Some("portable"));
-    assert!(ok, "{out}");
+    let (code, out) = check_with_cache(dir.path(), &portable_cache, Some("portable"));
+    assert_eq!(code, Some(0), "{out}");
     assert_eq!(out.matches("from_cache=true").count(), 5, "{out}");
     let native = cache_entries(&native_cache);
     let portable = cache_entries(&portable_cache);
@@ -305,8 +305,8 @@ fn portable_cpu_target_has_its_own_cache_entries() {
         "portable code must not share cache keys with native code"
     );
 
-    let (ok, out) = check_with_cache(dir.path(), &portable_cache, Some("fast"));
-    assert!(!ok, "an unknown RUNNEL_CPU must fail");
+    let (code, out) = check_with_cache(dir.path(), &portable_cache, Some("fast"));
+    assert_eq!(code, Some(2), "an unknown RUNNEL_CPU is an invalid setting");
     assert!(
         out.contains(r#"RUNNEL_CPU is "fast"; expected "native" or "portable""#),
         "{out}"
