@@ -60,7 +60,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Runs a pipeline until its source ends or the process is told to stop
-    /// (Ctrl-C, SIGTERM), then prints what became of every input.
+    /// (Ctrl-C, SIGTERM, SIGHUP), then prints what became of every input.
     Run {
         /// The pipeline file (TOML).
         pipeline: PathBuf,
@@ -75,6 +75,10 @@ enum Command {
     Check {
         /// The pipeline file (TOML).
         pipeline: PathBuf,
+        /// Compile every stage afresh rather than use the compile cache
+        /// (nor fill it).
+        #[arg(long)]
+        no_cache: bool,
     },
     /// Serves AWS Lambda invocations with a pipeline whose source is
     /// `type = "lambda"`. Started with no arguments where the Lambda Runtime
@@ -136,7 +140,13 @@ fn main() -> ExitCode {
                 ..RunOptions::default()
             },
         )),
-        Command::Check { pipeline } => check(pipeline),
+        Command::Check { pipeline, no_cache } => check(
+            pipeline,
+            RunOptions {
+                no_cache,
+                ..RunOptions::default()
+            },
+        ),
         Command::Lambda { pipeline } => {
             let pipeline = pipeline.unwrap_or_else(lambda_pipeline);
             runtime.block_on(lambda(pipeline))
@@ -293,7 +303,7 @@ async fn lambda(path: PathBuf) -> ExitCode {
     }
 }
 
-fn check(path: PathBuf) -> ExitCode {
+fn check(path: PathBuf, options: RunOptions) -> ExitCode {
     let pipeline = match load(&path) {
         Ok(pipeline) => pipeline,
         Err(code) => return code,
@@ -319,7 +329,7 @@ fn check(path: PathBuf) -> ExitCode {
     if let Err(code) = environment_settings() {
         return code;
     }
-    let engine = match engine_for(&pipeline, &RunOptions::default()) {
+    let engine = match engine_for(&pipeline, &options) {
         Ok(engine) => engine,
         Err(err) => {
             say!(error, "runnel: {}", error_text(&err));

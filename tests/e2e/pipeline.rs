@@ -253,6 +253,25 @@ fn second_start_loads_stages_from_the_compile_cache() {
     );
 }
 
+/// `check --no-cache` compiles every stage and leaves the cache alone.
+#[test]
+fn check_without_the_cache_compiles_and_stores_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    demo_pipeline(dir.path());
+    let cache = dir.path().join("cache");
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--no-cache", "pipeline.toml"])
+        .current_dir(dir.path())
+        .env("RUNNEL_CACHE_DIR", &cache)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(stderr.matches("from_cache=false").count(), 5, "{stderr}");
+    assert!(!cache.exists(), "nothing is written to the cache");
+}
+
 /// A stage file rebuilt in place is compiled again, not served from the
 /// cache entry of its old contents, and the old entry stays for a rollback.
 #[test]
