@@ -214,7 +214,8 @@ impl Pipeline {
     pub fn parse(path: &Path, text: String) -> Result<Self, ConfigError> {
         let file: PipelineFile = toml::from_str(&text).map_err(|err| ConfigError::Parse {
             path: path.to_owned(),
-            message: unknown_key_at_its_line(&text, &err).unwrap_or_else(|| parse_message(&err)),
+            message: unknown_key_at_its_line(&text, &err)
+                .unwrap_or_else(|| parse_message(&err) + &single_bracket_hint(&text, &err)),
         })?;
         let mut pipeline = Pipeline {
             path: path.to_owned(),
@@ -408,6 +409,45 @@ impl Pipeline {
             column,
             message: message.into(),
         }
+    }
+
+    /// An error a stage gave while starting, at the place it is about: the
+    /// key of its `[stage.config]` that an "unknown field" names when that
+    /// key is found under the stage, else the stage's name.
+    pub fn stage_error(&self, name: &str, message: String) -> ConfigError {
+        let stages = &self.file.stages;
+        let Some(index) = stages
+            .iter()
+            .position(|s| s.name.get_ref().as_str() == name)
+        else {
+            return self.error_at(0..0, message);
+        };
+        let name_span = stages[index].name.span();
+        let unknown = message
+            .split("unknown field `")
+            .nth(1)
+            .and_then(|rest| rest.split('`').next())
+            .map(|path| path.rsplit('.').next().unwrap_or(path).to_string());
+        let Some(key) = unknown else {
+            return self.error_at(name_span, message);
+        };
+        let message = if matches!(key.as_str(), "name" | "wasm" | "timeout_ms" | "memory_mb") {
+            format!(
+                "{message}\nhint: `{key}` is a setting of the stage itself: put it above \
+                 [stage.config]"
+            )
+        } else {
+            message
+        };
+        // This stage's part of the file: up to the next stage's name.
+        let end = stages
+            .get(index + 1)
+            .map_or(self.source_text.len(), |next| next.name.span().start);
+        let part = self.source_text.get(name_span.start..end).unwrap_or("");
+        let span = find_key(part, &key).map_or(name_span.clone(), |at| {
+            name_span.start + at..name_span.start + at + key.len()
+        });
+        self.error_at(span, message)
     }
 
     fn check(&self) -> Result<(), ConfigError> {
@@ -663,6 +703,17 @@ fn parse_message(err: &toml::de::Error) -> String {
         .unwrap_or(message)
         .trim_end()
         .to_string()
+}
+
+/// `[stage]` where `[[stage]]` was meant reads as one table where a list of
+/// them is expected, which serde says in its own words.
+fn single_bracket_hint(text: &str, err: &toml::de::Error) -> String {
+    let at = err.span().and_then(|span| text.get(span));
+    if err.message().contains("expected a sequence") && at == Some("[stage]") {
+        "\nhint: each stage is a `[[stage]]` table, with two brackets".to_string()
+    } else {
+        String::new()
+    }
 }
 
 /// An unknown key, or a value no variant takes, in a table whose `type`

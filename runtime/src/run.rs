@@ -197,15 +197,8 @@ pub fn load_stages(pipeline: &Pipeline, engine: &Engine) -> Result<Vec<LoadedSta
 /// whole of what `runnel run` does before it reads a record.
 pub fn start_chain(pipeline: &Pipeline, engine: &Engine) -> Result<Chain, ConfigError> {
     let stages = load_stages(pipeline, engine)?;
-    let chain = Chain::start(stages).map_err(|(name, err)| {
-        let span = pipeline
-            .file
-            .stages
-            .iter()
-            .find(|s| s.name.get_ref().as_str() == name)
-            .map_or(0..0, |s| s.name.span());
-        pipeline.error_at(span, format!("stage `{name}`: {err}"))
-    })?;
+    let chain = Chain::start(stages)
+        .map_err(|(name, err)| pipeline.stage_error(&name, format!("stage `{name}`: {err}")))?;
     Ok(chain.with_max_call_records(pipeline.file.pipeline.batch_size))
 }
 

@@ -153,10 +153,24 @@ pub(crate) fn json_write_error(err: serde_json::Error) -> Error {
     Error::msg(format!("cannot write JSON: {err}"))
 }
 
-fn short_type_name<T>() -> &'static str {
+/// `Vec<Reading>` for `alloc::vec::Vec<my_stage::Reading>`: the type as
+/// the stage's author wrote it, without module paths.
+fn short_type_name<T: ?Sized>() -> String {
     let full = std::any::type_name::<T>();
-    let base = full.split('<').next().unwrap_or(full);
-    base.rsplit("::").next().unwrap_or(base)
+    let mut short = String::with_capacity(full.len());
+    let mut path = String::new();
+    for c in full.chars().chain(std::iter::once('\0')) {
+        if c.is_alphanumeric() || c == '_' || c == ':' {
+            path.push(c);
+            continue;
+        }
+        short.push_str(path.rsplit("::").next().unwrap_or(&path));
+        path.clear();
+        if c != '\0' {
+            short.push(c);
+        }
+    }
+    short
 }
 
 #[cfg(test)]
@@ -167,6 +181,23 @@ mod tests {
     struct Reading {
         device: String,
         value: f64,
+    }
+
+    #[test]
+    fn type_names_in_errors_are_as_written() {
+        assert_eq!(short_type_name::<Reading>(), "Reading");
+        assert_eq!(short_type_name::<Vec<Reading>>(), "Vec<Reading>");
+        assert_eq!(
+            short_type_name::<std::collections::HashMap<String, Option<u8>>>(),
+            "HashMap<String, Option<u8>>"
+        );
+        let err = json_from::<Vec<Reading>>(br#"{"device":"d1"}"#).expect_err("not a list");
+        assert!(
+            err.message()
+                .starts_with("payload is not a valid Vec<Reading>: "),
+            "{}",
+            err.message()
+        );
     }
 
     #[test]

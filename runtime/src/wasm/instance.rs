@@ -32,8 +32,8 @@ pub enum LoadError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path} is not a WebAssembly file")]
-    NotWasm { path: PathBuf },
+    #[error("{path} is not a WebAssembly file{hint}")]
+    NotWasm { path: PathBuf, hint: &'static str },
     #[error(
         "{path} is a core WebAssembly module, not a component: build the stage for the \
          wasm32-wasip2 target (cargo build --release --target wasm32-wasip2)"
@@ -302,8 +302,15 @@ fn check_header(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
     const MAGIC: &[u8] = b"\0asm";
     const CORE_VERSION: &[u8] = &[1, 0, 0, 0];
     if bytes.len() < 8 || &bytes[..4] != MAGIC {
+        let hint = if bytes.starts_with(b"\x7fELF") {
+            " but a native program or library: build the stage with \
+             --target wasm32-wasip2 and use the .wasm file under target/wasm32-wasip2/release/"
+        } else {
+            ""
+        };
         return Err(LoadError::NotWasm {
             path: path.to_owned(),
+            hint,
         });
     }
     if &bytes[4..8] == CORE_VERSION {
@@ -330,8 +337,15 @@ mod tests {
         let path = Path::new("stage.wasm");
         assert!(matches!(
             check_header(path, b"hello world"),
-            Err(LoadError::NotWasm { .. })
+            Err(LoadError::NotWasm { hint: "", .. })
         ));
+        let native = check_header(path, b"\x7fELF\x02\x01\x01\0\0\0").expect_err("ELF");
+        assert!(
+            native
+                .to_string()
+                .contains("but a native program or library"),
+            "{native}"
+        );
         assert!(matches!(
             check_header(path, b"\0asm\x01\0\0\0"),
             Err(LoadError::CoreModule { .. })
