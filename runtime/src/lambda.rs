@@ -202,16 +202,25 @@ async fn invoke(
         EventShape::Auto => detected,
         // Any JSON is a raw event.
         EventShape::Raw => EventShape::Raw,
-        // An event of no known kind is left to the fixed kind's reader,
-        // whose error names what is missing.
-        fixed if detected == EventShape::Raw || fits(fixed, detected, text) => fixed,
+        fixed if fits(fixed, detected, text) => fixed,
+        // An event of no known kind (a hand-made one) is left to the fixed
+        // kind's reader, whose error names what is missing; one of another
+        // AWS service, or anything but a request for an HTTP pipeline,
+        // whose reader would answer it as a client's error, is refused.
+        fixed
+            if detected == EventShape::Raw
+                && fixed != EventShape::Http
+                && other_service(text).is_none() =>
+        {
+            fixed
+        }
         fixed => {
+            let is = other_service(text).unwrap_or_else(|| detected.describe());
             return Err(InvokeError::InvalidEvent(anyhow::anyhow!(
-                "the event is {}, but the pipeline takes {} ([source] event = \"{}\")",
-                detected.describe(),
+                "the event is {is}, but the pipeline takes {} ([source] event = \"{}\")",
                 fixed.describe(),
                 fixed.name()
-            )))
+            )));
         }
     };
     let (records, ids) = match decode_text(shape, text) {
@@ -405,6 +414,45 @@ pub fn detect(event: &str) -> EventShape {
     EventShape::Raw
 }
 
+/// What an event of an AWS service runnel does not read as records of its
+/// own is (an SNS notification, an S3 event...), for a pipeline of a fixed
+/// kind, which must not take it for one of its own: under `auto` such an
+/// event is a raw event, one record.
+fn other_service(event: &str) -> Option<&'static str> {
+    #[derive(Deserialize)]
+    struct Top<'a> {
+        #[serde(rename = "detail-type", borrow, default)]
+        detail_type: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        source: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        awslogs: Option<&'a RawValue>,
+    }
+    if let Ok(top) = serde_json::from_str::<Top<'_>>(event) {
+        if top.detail_type.is_some() && top.source.is_some() {
+            return Some("an EventBridge event");
+        }
+        if top.awslogs.is_some() {
+            return Some("a CloudWatch Logs event");
+        }
+    }
+    let probe = serde_json::from_str::<Probe<'_>>(event).ok()?;
+    let records = serde_json::from_str::<Vec<&RawValue>>(probe.records?.get()).ok()?;
+    let first = serde_json::from_str::<RecordProbe<'_>>(records.first()?.get()).ok()?;
+    match text_of(first.lower)
+        .or_else(|| text_of(first.upper))?
+        .as_str()
+    {
+        "aws:sns" => Some("an SNS notification"),
+        "aws:s3" => Some("an S3 event notification"),
+        "aws:dynamodb" => Some("a DynamoDB stream batch"),
+        "aws:ses" => Some("an SES event"),
+        "aws:codecommit" => Some("a CodeCommit event"),
+        "aws:sqs" | "aws:kinesis" => None,
+        _ => Some("an event of another AWS service"),
+    }
+}
+
 /// How many records an SQS or Kinesis batch holds; `None` if it is not one.
 fn batch_len(event: &str) -> Option<usize> {
     let probe = serde_json::from_str::<Probe<'_>>(event).ok()?;
@@ -428,7 +476,7 @@ fn decode_text(shape: EventShape, event: &str) -> anyhow::Result<Decoded> {
     match shape {
         EventShape::Sqs => {
             let event = serde_json::from_str(event).context(not_valid("SQS"))?;
-            return Ok(sqs(event));
+            return sqs(event);
         }
         // The event's own text: parsed and written again, its numbers could
         // lose digits and its keys their order.
@@ -448,7 +496,7 @@ fn not_valid(kind: &str) -> String {
 fn decode(shape: EventShape, event: Value) -> anyhow::Result<Decoded> {
     let not = not_valid;
     Ok(match shape {
-        EventShape::Sqs => sqs(serde_json::from_value(event).with_context(|| not("SQS"))?),
+        EventShape::Sqs => sqs(serde_json::from_value(event).with_context(|| not("SQS"))?)?,
         EventShape::Kinesis => {
             let mut event = event;
             let arrivals = take_times(
@@ -465,6 +513,9 @@ fn decode(shape: EventShape, event: Value) -> anyhow::Result<Decoded> {
             )
         }
         EventShape::Kafka => {
+            if !event.get("records").is_some_and(Value::is_object) {
+                anyhow::bail!("{}: it has no `records` object", not("Kafka"));
+            }
             let mut event = event;
             let times = take_times(&mut event, "records", &["timestamp"], 1.0);
             sign_header_bytes(&mut event);
@@ -485,12 +536,16 @@ fn arn_name(arn: Option<&str>) -> Option<String> {
         .map(str::to_string)
 }
 
-fn sqs(event: SqsEvent) -> Decoded {
-    event
+fn sqs(event: SqsEvent) -> anyhow::Result<Decoded> {
+    // Lambda names a failed message by its id: a record without one is not
+    // an SQS message, and its failure could not be reported.
+    if let Some(i) = event.records.iter().position(|m| m.message_id.is_none()) {
+        anyhow::bail!("{}: record {i} has no messageId", not_valid("SQS"));
+    }
+    Ok(event
         .records
         .into_iter()
-        .enumerate()
-        .map(|(i, message)| {
+        .map(|message| {
             let mut record = Record::new(message.body.unwrap_or_default().into_bytes());
             record.key = message.attributes.get("MessageGroupId").cloned();
             record.topic = arn_name(message.event_source_arn.as_deref());
@@ -510,12 +565,12 @@ fn sqs(event: SqsEvent) -> Decoded {
                 })
                 .collect();
             headers.sort();
-            let id = message.message_id.unwrap_or_else(|| i.to_string());
+            let id = message.message_id.unwrap_or_default();
             headers.push((ITEM_ID_HEADER.into(), id.clone()));
             record.headers = headers;
             (record, id)
         })
-        .unzip()
+        .unzip())
 }
 
 /// Record times, in ms, by the group they sit in (Kafka's partitions; one
@@ -618,7 +673,10 @@ fn kafka(event: KafkaEvent, times: &Times) -> anyhow::Result<Decoded> {
                 let key = b64
                     .decode(key)
                     .with_context(|| format!("Kafka record {id}: key is not base64"))?;
-                record.key = Some(String::from_utf8_lossy(&key).into_owned());
+                // A key is text: one that is not stays apart from every
+                // other as its base64, as bytes that are not text do elsewhere.
+                record.key =
+                    Some(String::from_utf8(key).unwrap_or_else(|e| b64.encode(e.into_bytes())));
             }
             record.topic = m.topic.clone();
             record.timestamp = partition_times.and_then(|t| t.get(i).copied().flatten());
@@ -1145,6 +1203,28 @@ mod tests {
             EventShape::Http.describe(),
             "an API Gateway or function URL request"
         );
+        let sns = r#"{"Records": [{"EventSource": "aws:sns", "Sns": {"Message": "hi"}}]}"#;
+        assert_eq!(detect(sns), EventShape::Raw);
+        assert_eq!(other_service(sns), Some("an SNS notification"));
+        let s3 = r#"{"Records": [{"eventSource": "aws:s3", "s3": {}}]}"#;
+        assert_eq!(other_service(s3), Some("an S3 event notification"));
+        let scheduled = r#"{"detail-type": "Scheduled Event", "source": "aws.events"}"#;
+        assert_eq!(other_service(scheduled), Some("an EventBridge event"));
+        assert_eq!(other_service(sqs), None);
+        assert_eq!(other_service(r#"{"device": "dev-1"}"#), None);
+    }
+
+    #[test]
+    fn fixed_readers_refuse_what_is_not_theirs() {
+        let no_id = r#"{"Records": [{"body": "x"}]}"#;
+        let err = decode_text(EventShape::Sqs, no_id).expect_err("no messageId");
+        assert!(
+            err.to_string().contains("record 0 has no messageId"),
+            "{err}"
+        );
+        let err = decode_text(EventShape::Kafka, r#"{"eventSource": "aws:kafka"}"#)
+            .expect_err("no records");
+        assert!(err.to_string().contains("no `records` object"), "{err}");
     }
 
     #[test]
