@@ -69,7 +69,13 @@ struct Slot {
     stage: LoadedStage,
     instance: Option<StageInstance>,
     stats: StageStats,
+    /// No call runs past this (a Lambda invocation's end, less a margin).
+    deadline: Option<Instant>,
 }
+
+/// Why records are not run when the time a caller gave is up.
+const OUT_OF_TIME: &str =
+    "not run: the invocation's time was nearly up (its stages must end before it does)";
 
 /// Stages in order, each with one live instance.
 pub struct Chain {
@@ -91,12 +97,22 @@ impl Chain {
                 stage,
                 instance: Some(instance),
                 stats: StageStats::default(),
+                deadline: None,
             });
         }
         Ok(Chain {
             slots,
             max_call_records: usize::MAX,
         })
+    }
+
+    /// No stage call runs past `deadline`: a call's own deadline is cut to
+    /// the time left, and records reached after it are dead-lettered as not
+    /// run (a Lambda batch reports them failed, so they come again).
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        for slot in &mut self.slots {
+            slot.deadline = deadline;
+        }
     }
 
     /// Calls into a stage take at most `records` records (the pipeline's
@@ -196,6 +212,17 @@ impl Slot {
 
     fn process_call(&mut self, batch: Encoded, dead_letters: &mut Vec<DeadLetter>) -> Encoded {
         let mut next = Encoded::with_capacity(batch.buf.len(), batch.len());
+        if self.time_left() == Some(Duration::ZERO) {
+            for i in 0..batch.len() {
+                dead_letters.push(self.dead_letter(
+                    OUT_OF_TIME.into(),
+                    batch.record(i),
+                    batch.origins[i],
+                ));
+            }
+            next.seal();
+            return next;
+        }
         let failed_before = self.stats.failed_calls;
         let first_failure = match self.call(&batch, &mut next, dead_letters) {
             Ok(()) => None,
@@ -229,6 +256,14 @@ impl Slot {
         let mut failures_in_a_row = 0;
         let mut last = first;
         for i in 0..batch.len() {
+            if self.time_left() == Some(Duration::ZERO) {
+                dead_letters.push(self.dead_letter(
+                    OUT_OF_TIME.into(),
+                    batch.record(i),
+                    batch.origins[i],
+                ));
+                continue;
+            }
             if failures_in_a_row >= MAX_FAILURES_IN_A_ROW {
                 // The stage fails on everything: the rest are not run, rather
                 // than each waiting out a deadline, and their reason says so.
@@ -261,7 +296,10 @@ impl Slot {
         self.stats.calls += 1;
         self.stats.records_in += batch.len() as u64;
         let started = Instant::now();
-        let answer = self.instance().and_then(|i| i.process_encoded(&batch.buf));
+        let limit = self.time_left();
+        let answer = self
+            .instance()
+            .and_then(|i| i.process_encoded(&batch.buf, limit));
         let (kept, kept_dead) = (next.len(), dead_letters.len());
         let (mut emitted, mut rejected) = (0, 0);
         let result = answer.and_then(|answer| {
@@ -377,6 +415,19 @@ impl Slot {
         note.timestamp = Some(now_ms);
         dead_letters.push(self.dead_letter(format!("flush failed: {reason}"), note, None));
         None
+    }
+
+    /// Time left before the caller's deadline, if it set one; under a
+    /// millisecond counts as none, as no call could do anything in it.
+    fn time_left(&self) -> Option<Duration> {
+        self.deadline.map(|deadline| {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left < Duration::from_millis(1) {
+                Duration::ZERO
+            } else {
+                left
+            }
+        })
     }
 
     fn fail(&mut self, err: &CallError) {

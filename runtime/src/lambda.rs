@@ -112,6 +112,7 @@ pub async fn serve(pipeline_path: &std::path::Path, options: &RunOptions) -> any
         let runner = runner.clone();
         async move {
             let mut runner = runner.lock().await;
+            runner.set_deadline(stages_deadline(event.context.deadline));
             invoke(&mut runner, shape, &event.payload)
                 .await
                 .map_err(Diagnostic::from)
@@ -120,6 +121,37 @@ pub async fn serve(pipeline_path: &std::path::Path, options: &RunOptions) -> any
     lambda_runtime::run(handler)
         .await
         .map_err(|err| anyhow::anyhow!("the Lambda runtime stopped: {err}"))
+}
+
+/// When the stages must be done with an invocation whose time ends at
+/// `deadline_ms` (ms since the Unix epoch): a fifth of the time left before
+/// it, at most half a second, stays for delivering outputs and answering. A
+/// batch whose stages ran out of time reports what was not run as failed,
+/// rather than the whole invocation timing out.
+fn stages_deadline(deadline_ms: u64) -> Option<std::time::Instant> {
+    stages_deadline_at(deadline_ms, now_ms(), std::time::Instant::now())
+}
+
+/// [`stages_deadline`] at wall-clock `now_ms`, which is `now`.
+fn stages_deadline_at(
+    deadline_ms: u64,
+    now_ms: i64,
+    now: std::time::Instant,
+) -> Option<std::time::Instant> {
+    // Lambda's deadline is a time since the Unix epoch; one before 2001 is
+    // none (an emulator's placeholder, cargo-lambda's "600000"), and
+    // cutting the stages short by it would stop every call.
+    const YEAR_2001_MS: u64 = 978_307_200_000;
+    if deadline_ms < YEAR_2001_MS {
+        return None;
+    }
+    let left_ms = i64::try_from(deadline_ms)
+        .ok()?
+        .saturating_sub(now_ms)
+        .max(0);
+    let left = std::time::Duration::from_millis(left_ms as u64);
+    let kept = (left / 5).min(std::time::Duration::from_millis(500));
+    Some(now + (left - kept))
 }
 
 /// What the Lambda runtime client reads from the environment, checked
@@ -1335,6 +1367,23 @@ mod tests {
         assert_eq!(d.error_message, "1 of 2 failed");
         let d = Diagnostic::from(InvokeError::InvalidEvent(anyhow::anyhow!("x")));
         assert_eq!(d.error_type, "Runnel.InvalidEvent");
+    }
+
+    #[test]
+    fn stages_end_before_the_invocation_does() {
+        use std::time::{Duration, Instant};
+        let now = Instant::now();
+        let now_ms = 1_800_000_000_000;
+        let at = |left_ms: i64| {
+            stages_deadline_at((now_ms + left_ms) as u64, now_ms, now).map(|d| d - now)
+        };
+        // Half a second kept for the answer, or a fifth of a short time.
+        assert_eq!(at(3_000), Some(Duration::from_millis(2_500)));
+        assert_eq!(at(1_000), Some(Duration::from_millis(800)));
+        assert_eq!(at(-5), Some(Duration::ZERO));
+        // Not a time since the epoch: no deadline rather than none left.
+        assert_eq!(stages_deadline_at(600_000, now_ms, now), None);
+        assert_eq!(stages_deadline_at(0, now_ms, now), None);
     }
 
     #[test]

@@ -323,3 +323,52 @@ path = "dead.jsonl"
     );
     assert_counts_add_up(&run, 4);
 }
+
+/// A caller's deadline (a Lambda invocation's end) cuts a stage's own,
+/// longer one: the call stops in time, and what was not run is
+/// dead-lettered as such, to be given again; a later batch with time to
+/// spare runs on a fresh instance.
+#[test]
+fn a_callers_deadline_stops_the_stages_in_time() {
+    use runnel::chain::{Chain, InputOutcome};
+    use runnel::wasm::{Engine, EngineOptions, LoadedStage, StageLimits};
+    use std::time::{Duration, Instant};
+
+    let engine = Engine::new(&EngineOptions::default()).expect("engine");
+    let limits = StageLimits {
+        timeout: Duration::from_secs(60),
+        memory_bytes: 64 << 20,
+    };
+    let stage = LoadedStage::load(&engine, "faults", &stage("faults"), "{}".into(), limits)
+        .expect("load the faults stage");
+    let mut chain = Chain::start(vec![stage]).expect("start");
+    let batch = ["fine", "loop", "fine too"]
+        .map(runnel::Record::new)
+        .to_vec();
+
+    let started = Instant::now();
+    chain.set_deadline(Some(started + Duration::from_millis(300)));
+    let output = chain.process(batch);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the 60 s stage deadline was not cut: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(output.outcomes, [InputOutcome::DeadLettered; 3]);
+    let reasons: Vec<&str> = output
+        .dead_letters
+        .iter()
+        .filter(|d| d.input.is_some())
+        .map(|d| d.reason.as_str())
+        .collect();
+    assert_eq!(
+        reasons,
+        ["not run: the invocation's time was nearly up (its stages must end before it does)"; 3],
+        "{:?}",
+        output.dead_letters
+    );
+
+    chain.set_deadline(Some(Instant::now() + Duration::from_secs(30)));
+    let output = chain.process(vec![runnel::Record::new("fine")]);
+    assert_eq!(output.outcomes, [InputOutcome::Emitted]);
+}

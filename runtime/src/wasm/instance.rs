@@ -50,6 +50,11 @@ pub enum LoadError {
 pub enum CallError {
     #[error("timed out: still running after its {} ms deadline", .0.as_millis())]
     Timeout(Duration),
+    #[error(
+        "stopped after {} ms: the invocation's time was nearly up (its stages must end before it does)",
+        .0.as_millis()
+    )]
+    OutOfTime(Duration),
     #[error("{0}")]
     MemoryCap(String),
     #[error("stage {0}")]
@@ -195,17 +200,30 @@ pub struct StageInstance {
 
 impl StageInstance {
     /// Runs an encoded batch and returns the stage's encoded answer, unread.
-    pub(crate) fn process_encoded(&mut self, batch: &[u8]) -> Result<Vec<u8>, CallError> {
-        self.begin();
+    /// `limit`, when shorter than the stage's own deadline, cuts this call's:
+    /// a call stopped by it times out as [`CallError::OutOfTime`].
+    pub(crate) fn process_encoded(
+        &mut self,
+        batch: &[u8],
+        limit: Option<Duration>,
+    ) -> Result<Vec<u8>, CallError> {
+        let cut = limit.filter(|&limit| limit < self.timeout);
+        match cut {
+            Some(limit) => self.begin_for(limit),
+            None => self.begin(),
+        }
         let answer = self.bindings.call_process(&mut self.store, batch);
-        finish(&mut self.store, answer, self.timeout)
+        match finish(&mut self.store, answer, cut.unwrap_or(self.timeout)) {
+            Err(CallError::Timeout(after)) if cut.is_some() => Err(CallError::OutOfTime(after)),
+            other => other,
+        }
     }
 
     /// One outcome per record, checked to be one per record.
     pub fn process(&mut self, batch: &[Record]) -> Result<Vec<Outcome>, CallError> {
         let mut buf = std::mem::take(&mut self.buf);
         encode_batch(batch, &mut buf);
-        let answer = self.process_encoded(&buf);
+        let answer = self.process_encoded(&buf, None);
         self.buf = buf;
         let outcomes = decode_outcomes(&answer?).map_err(|e| CallError::Contract(e.to_string()))?;
         if outcomes.len() != batch.len() {
@@ -249,6 +267,12 @@ impl StageInstance {
     fn begin(&mut self) {
         self.store.set_epoch_deadline(self.ticks);
         self.store.data_mut().begin_call(self.timeout);
+    }
+
+    /// [`Self::begin`] for a call cut short to `limit`.
+    fn begin_for(&mut self, limit: Duration) {
+        self.store.set_epoch_deadline(deadline_ticks(limit));
+        self.store.data_mut().begin_call(limit);
     }
 }
 
