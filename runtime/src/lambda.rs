@@ -83,6 +83,12 @@ pub async fn serve(pipeline_path: &std::path::Path, options: &RunOptions) -> any
         for warning in pipeline.warnings() {
             tracing::warn!("{warning}");
         }
+        let function_mb = std::env::var("AWS_LAMBDA_FUNCTION_MEMORY_SIZE")
+            .ok()
+            .and_then(|mb| mb.parse().ok());
+        if let Some(warning) = function_mb.and_then(|mb| memory_warning(&pipeline, mb)) {
+            tracing::warn!("{warning}");
+        }
         if pipeline.file.metrics.is_some() {
             // No port of a Lambda function can be scraped; its figures are
             // CloudWatch's.
@@ -152,6 +158,27 @@ fn stages_deadline_at(
     let left = std::time::Duration::from_millis(left_ms as u64);
     let kept = (left / 5).min(std::time::Duration::from_millis(500));
     Some(now + (left - kept))
+}
+
+/// What runnel itself takes beside its stages, in MiB, about: its code,
+/// the compiled stages and the batches in hand.
+const RUNNEL_OWN_MB: u64 = 40;
+
+/// When the stages' memory caps together, with runnel's own memory, come to
+/// more than the function has: a stage that grows to its cap (a stage's
+/// memory is only given back when it is replaced) then gets the whole
+/// function killed for memory, and its batch with it, instead of its one
+/// record dead-lettered.
+fn memory_warning(pipeline: &Pipeline, function_mb: u64) -> Option<String> {
+    let stages_mb: u64 = pipeline.file.stages.iter().map(|s| s.memory_mb()).sum();
+    (stages_mb + RUNNEL_OWN_MB > function_mb).then(|| {
+        format!(
+            "the stages' memory caps (memory_mb) come to {stages_mb} MiB, which with about \
+             {RUNNEL_OWN_MB} MiB of runnel's own is more than the function's {function_mb} MB: a \
+             stage that reaches its cap can get the function killed for memory, and its whole \
+             batch retried; raise the function's memory or lower memory_mb"
+        )
+    })
 }
 
 /// What the Lambda runtime client reads from the environment, checked
@@ -1384,6 +1411,24 @@ mod tests {
         // Not a time since the epoch: no deadline rather than none left.
         assert_eq!(stages_deadline_at(600_000, now_ms, now), None);
         assert_eq!(stages_deadline_at(0, now_ms, now), None);
+    }
+
+    #[test]
+    fn stage_memory_caps_must_fit_the_function() {
+        let text = "[source]\ntype = \"lambda\"\n[sink]\ntype = \"none\"\n\
+                    [[stage]]\nname = \"a\"\nwasm = \"a.wasm\"\n\
+                    [[stage]]\nname = \"b\"\nwasm = \"b.wasm\"\nmemory_mb = 200\n";
+        let dir = tempfile::tempdir().expect("temp dir");
+        for stage in ["a.wasm", "b.wasm"] {
+            std::fs::write(dir.path().join(stage), b"").expect("stage file");
+        }
+        let pipeline = Pipeline::parse(&dir.path().join("p.toml"), text.into()).expect("pipeline");
+        assert_eq!(memory_warning(&pipeline, 512), None);
+        let warning = memory_warning(&pipeline, 256).expect("264 + 40 > 256");
+        assert!(
+            warning.contains("come to 264 MiB") && warning.contains("function's 256 MB"),
+            "{warning}"
+        );
     }
 
     #[test]
