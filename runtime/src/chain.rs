@@ -17,6 +17,10 @@ pub struct DeadLetter {
     pub record: Record,
     /// Index of the input in its batch; `None` for records a timer emitted.
     pub input: Option<usize>,
+    /// Lost to a failure (a crash, a deadline, a sink's refusal) rather than
+    /// refused by a stage for what it holds: an HTTP caller gets a 500, not
+    /// a 422.
+    pub fault: bool,
 }
 
 /// What became of one input of a batch.
@@ -413,7 +417,12 @@ impl Slot {
         // says so, with the clock, so it is never silent.
         let mut note = Record::new(Vec::new());
         note.timestamp = Some(now_ms);
-        dead_letters.push(self.dead_letter(format!("flush failed: {reason}"), note, None));
+        dead_letters.push(dead_letter(
+            self.stage.name(),
+            format!("flush failed: {reason}"),
+            note,
+            None,
+        ));
         None
     }
 
@@ -449,17 +458,23 @@ impl Slot {
         dead_letters.push(self.dead_letter(err.to_string(), batch.record(i), batch.origins[i]));
     }
 
+    /// A dead letter for a failure of this stage, not a refusal.
     fn dead_letter(&self, reason: String, record: Record, input: Option<usize>) -> DeadLetter {
-        dead_letter(self.stage.name(), reason, record, input)
+        DeadLetter {
+            fault: true,
+            ..dead_letter(self.stage.name(), reason, record, input)
+        }
     }
 }
 
+/// A dead letter for a record a stage refused.
 fn dead_letter(stage: &str, reason: String, record: Record, input: Option<usize>) -> DeadLetter {
     DeadLetter {
         stage: stage.to_string(),
         reason,
         record,
         input,
+        fault: false,
     }
 }
 

@@ -79,6 +79,7 @@ mod tests {
             reason: "dev-3: temperature 900 above maximum 125".into(),
             record: Record::new(br#"{"t":900}"#.to_vec()),
             input: Some(0),
+            fault: false,
         };
         let record = to_record("sensors", &dead, 7);
         let json: serde_json::Value = serde_json::from_slice(&record.payload).expect("json");

@@ -557,6 +557,23 @@ fn decode(shape: EventShape, event: Value) -> anyhow::Result<Decoded> {
     Ok(match shape {
         EventShape::Sqs => sqs(serde_json::from_value(event).with_context(|| not("SQS"))?)?,
         EventShape::Kinesis => {
+            // Named here: the type's own error would not say which record.
+            for (i, record) in event["Records"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                if let Some(data) = record["kinesis"]["data"].as_str() {
+                    if let Err(err) = base64::engine::general_purpose::STANDARD.decode(data) {
+                        anyhow::bail!(
+                            "{}: record {i} (sequence number {}): its data is not base64: {err}",
+                            not("Kinesis"),
+                            record["kinesis"]["sequenceNumber"].as_str().unwrap_or("?")
+                        );
+                    }
+                }
+            }
             let mut event = event;
             let arrivals = take_times(
                 &mut event,
@@ -766,7 +783,7 @@ fn http(event: Value) -> anyhow::Result<Decoded> {
     // A REST API sends version 1 (httpMethod); HTTP APIs and function URLs send 2.0.
     // Query parameters are read from the event itself: the crate's map
     // splits version 2's values at commas, and panics on an empty list.
-    let (body, base64, path, headers) = if event.get("httpMethod").is_some() {
+    let (body, base64, path, mut headers, request) = if event.get("httpMethod").is_some() {
         // The multi-value forms hold every value; the plain ones, the last.
         let query = match query_lists(&event["multiValueQueryStringParameters"]) {
             lists if !lists.is_empty() => lists,
@@ -780,11 +797,17 @@ fn http(event: Value) -> anyhow::Result<Decoded> {
             &request.multi_value_headers
         };
         let headers = request_headers(headers, query, &[]);
+        let about = Request {
+            method: request.http_method.to_string(),
+            path_parameters: request.path_parameters,
+            time_ms: request.request_context.request_time_epoch,
+        };
         (
             request.body,
             request.is_base64_encoded,
             request.path,
             headers,
+            about,
         )
     } else {
         // Version 2 joins a parameter's values with commas, and a value may
@@ -803,13 +826,27 @@ fn http(event: Value) -> anyhow::Result<Decoded> {
         };
         let cookies = request.cookies.as_deref().unwrap_or_default();
         let headers = request_headers(&request.headers, query, cookies);
+        let about = Request {
+            method: request.request_context.http.method.to_string(),
+            path_parameters: request.path_parameters,
+            time_ms: request.request_context.time_epoch,
+        };
         (
             request.body,
             request.is_base64_encoded,
             request.raw_path,
             headers,
+            about,
         )
     };
+    headers.push(("http.method".into(), request.method));
+    let mut path_parameters: Vec<_> = request.path_parameters.into_iter().collect();
+    path_parameters.sort();
+    headers.extend(
+        path_parameters
+            .into_iter()
+            .map(|(name, value)| (format!("path.{name}"), value)),
+    );
     let body = body.unwrap_or_default();
     let payload = if base64 {
         base64::engine::general_purpose::STANDARD
@@ -820,9 +857,22 @@ fn http(event: Value) -> anyhow::Result<Decoded> {
     };
     let mut record = Record::new(payload);
     record.topic = path;
-    record.timestamp = Some(now_ms());
+    // The time API Gateway took the request; a hand-made event may lack it.
+    record.timestamp = Some(if request.time_ms > 0 {
+        request.time_ms
+    } else {
+        now_ms()
+    });
     record.headers = headers;
     Ok((vec![record], vec!["request".into()]))
+}
+
+/// What a request says of itself beside its headers, body and path.
+struct Request {
+    method: String,
+    path_parameters: std::collections::HashMap<String, String>,
+    /// When API Gateway took it, ms since the Unix epoch; 0 when not said.
+    time_ms: i64,
 }
 
 /// A request's headers, names in lower case as HTTP/2 and API Gateway's
@@ -948,12 +998,11 @@ fn answer(
         .filter(|(input, _)| input.is_some())
         .map(|(_, r)| r)
         .collect();
-    let dead: Vec<(&str, &str)> = processed
-        .dead
-        .iter()
-        .filter(|(input, _, _)| input.is_some())
-        .map(|(_, stage, reason)| (stage.as_str(), reason.as_str()))
+    let callers = || processed.dead.iter().filter(|(input, ..)| input.is_some());
+    let dead: Vec<(&str, &str)> = callers()
+        .map(|(_, stage, reason, _)| (stage.as_str(), reason.as_str()))
         .collect();
+    let fault = callers().any(|(.., fault)| *fault);
     let first_reason = || {
         dead.first()
             .map(|(stage, reason)| format!("{stage}: {reason}"))
@@ -981,6 +1030,12 @@ fn answer(
                     first_reason()
                 )
             }
+        }
+        EventShape::Http if fault => {
+            // A crash or a deadline is the function's fault, not the
+            // request's, and what went wrong inside is for its log.
+            tracing::error!("request failed: {}", first_reason());
+            http_error(500, "the request could not be processed")
         }
         EventShape::Http => http_answer(&outputs, !failed.is_empty(), first_reason())?,
         EventShape::Raw | EventShape::Auto => {
@@ -1017,7 +1072,7 @@ fn http_answer(outputs: &[&Record], dead_lettered: bool, reason: String) -> anyh
     if dead_lettered {
         return Ok(http_error(422, &reason));
     }
-    Ok(match outputs {
+    let mut answer = match outputs {
         [] => json!({ "statusCode": 204, "body": "", "isBase64Encoded": false }),
         [only] => match AnswerPayload::of(&only.payload) {
             AnswerPayload::Binary { base64 } => json!({
@@ -1048,8 +1103,28 @@ fn http_answer(outputs: &[&Record], dead_lettered: bool, reason: String) -> anyh
                 "isBase64Encoded": false,
             })
         }
-    })
+    };
+    // A stage may set the answer's status and content type through its
+    // (first) output's headers.
+    if let Some(first) = outputs.first() {
+        if let Some(status) = first
+            .header(HTTP_STATUS_HEADER)
+            .and_then(|s| s.trim().parse::<u16>().ok())
+            .filter(|s| (200..=599).contains(s))
+        {
+            answer["statusCode"] = status.into();
+        }
+        if let Some(content_type) = first.header(HTTP_CONTENT_TYPE_HEADER) {
+            answer["headers"]["content-type"] = content_type.into();
+        }
+    }
+    Ok(answer)
 }
+
+/// The output header whose value, 200 to 599, is an HTTP answer's status.
+const HTTP_STATUS_HEADER: &str = "http.status";
+/// The output header that is an HTTP answer's content type.
+const HTTP_CONTENT_TYPE_HEADER: &str = "http.content-type";
 
 /// An HTTP answer with `{"error": reason}` as its body.
 fn http_error(status: u16, reason: &str) -> Value {
@@ -1218,7 +1293,20 @@ mod tests {
         assert_eq!(get("x-device-id"), Some("dev-7"), "{headers:?}");
         assert_eq!(get("content-type"), Some("text/csv"));
         assert_eq!(get("query.site"), Some("plant-a"));
+        assert_eq!(get("http.method"), Some("POST"));
         assert_eq!(records[0].topic.as_deref(), Some("/readings"));
+        assert_eq!(records[0].timestamp, Some(1_795_319_400_000));
+
+        let mut rest: Value =
+            serde_json::from_str(include_str!("../../tests/lambda-events/apigw-rest.json"))
+                .expect("sample event");
+        rest["httpMethod"] = "PUT".into();
+        rest["pathParameters"] = json!({"device": "dev-3"});
+        let (records, _) = decode(EventShape::Http, rest).expect("request");
+        let header = |name: &str| records[0].header(name).map(str::to_string);
+        assert_eq!(header("http.method").as_deref(), Some("PUT"));
+        assert_eq!(header("path.device").as_deref(), Some("dev-3"));
+        assert_eq!(records[0].timestamp, Some(1_428_582_896_000));
     }
 
     #[test]
@@ -1274,6 +1362,19 @@ mod tests {
     }
 
     #[test]
+    fn a_kinesis_record_with_bad_data_is_named() {
+        let mut event: Value =
+            serde_json::from_str(include_str!("../../tests/lambda-events/kinesis.json"))
+                .expect("sample event");
+        event["Records"][1]["kinesis"]["data"] = "not base64!".into();
+        let err = decode(EventShape::Kinesis, event).expect_err("bad data");
+        assert!(
+            err.to_string().contains("record 1 (sequence number 4959"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn fixed_readers_refuse_what_is_not_theirs() {
         let no_id = r#"{"Records": [{"body": "x"}]}"#;
         let err = decode_text(EventShape::Sqs, no_id).expect_err("no messageId");
@@ -1306,7 +1407,7 @@ mod tests {
                 (Some(0), output(r#"{"n":12345678901234567890123}"#)),
                 (None, output(r#"{"window":"closed"}"#)),
             ],
-            dead: vec![(None, "window".into(), "flush failed".into())],
+            dead: vec![(None, "window".into(), "flush failed".into(), true)],
         };
         let ids = ["request".to_string()];
         let answer = answer(EventShape::Http, &ids, &processed).expect("http");
@@ -1318,6 +1419,55 @@ mod tests {
             raw.get(),
             r#"{"outputs":[{"n":12345678901234567890123}],"dead_letters":[]}"#
         );
+    }
+
+    #[test]
+    fn an_http_answer_is_422_for_a_refusal_500_for_a_failure_and_the_stage_may_set_it() {
+        let ids = ["request".to_string()];
+        let http = |processed: &Processed| -> Value {
+            let answer = answer(EventShape::Http, &ids, processed).expect("http");
+            serde_json::from_str(answer.get()).expect("JSON")
+        };
+        let refused = Processed {
+            outcomes: vec![InputOutcome::DeadLettered],
+            outputs: vec![],
+            dead: vec![(Some(0), "validate".into(), "t above 125".into(), false)],
+        };
+        let answer = http(&refused);
+        assert_eq!(answer["statusCode"], 422, "{answer}");
+        assert!(answer["body"]
+            .as_str()
+            .unwrap_or("")
+            .contains("validate: t above 125"));
+        let crashed = Processed {
+            outcomes: vec![InputOutcome::DeadLettered],
+            outputs: vec![],
+            dead: vec![(
+                Some(0),
+                "parse".into(),
+                "stage panicked at src/lib.rs".into(),
+                true,
+            )],
+        };
+        let answer = http(&crashed);
+        assert_eq!(answer["statusCode"], 500, "{answer}");
+        assert!(
+            !answer["body"].as_str().unwrap_or("").contains("src/lib.rs"),
+            "{answer}"
+        );
+
+        let created = Record::new(b"<p>made</p>".to_vec())
+            .with_header("http.status", "201")
+            .with_header("http.content-type", "text/html");
+        let made = Processed {
+            outcomes: vec![InputOutcome::Emitted],
+            outputs: vec![(Some(0), created)],
+            dead: vec![],
+        };
+        let answer = http(&made);
+        assert_eq!(answer["statusCode"], 201, "{answer}");
+        assert_eq!(answer["headers"]["content-type"], "text/html", "{answer}");
+        assert_eq!(answer["body"], "<p>made</p>");
     }
 
     #[test]

@@ -322,7 +322,8 @@ pub(crate) struct Processed {
     /// Outputs in order, with the index of the record each came from.
     pub outputs: Vec<(Option<usize>, Record)>,
     /// Dead letters: the record's index (none for timer output), stage, reason.
-    pub dead: Vec<(Option<usize>, String, String)>,
+    /// Input, stage, reason, and whether a failure rather than a refusal.
+    pub dead: Vec<(Option<usize>, String, String, bool)>,
 }
 
 impl Runner {
@@ -439,7 +440,7 @@ impl Runner {
                 delivered
                     .dead
                     .into_iter()
-                    .map(|(i, stage, reason)| (shift(i), stage, reason)),
+                    .map(|(i, stage, reason, fault)| (shift(i), stage, reason, fault)),
             );
             offset += count;
         }
@@ -730,6 +731,7 @@ impl Runner {
                     reason: format!("the sink refused it: {}", refused.reason),
                     record: records.swap_remove(refused.index),
                     input,
+                    fault: true,
                 });
             }
             dead_letters.extend(refused_letters.into_iter().rev());
@@ -739,7 +741,7 @@ impl Runner {
             outcomes,
             dead: dead_letters
                 .into_iter()
-                .map(|d| (d.input, d.stage, d.reason))
+                .map(|d| (d.input, d.stage, d.reason, d.fault))
                 .collect(),
         })
     }
@@ -817,6 +819,7 @@ impl Runner {
             reason: reason.into(),
             record,
             input: Some(0),
+            fault: true,
         };
         self.write_dead_letters(std::slice::from_ref(&dead)).await
     }
@@ -826,7 +829,7 @@ impl Runner {
 /// dead-lettered) and every dead letter written.
 struct Delivered {
     outcomes: Vec<InputOutcome>,
-    dead: Vec<(Option<usize>, String, String)>,
+    dead: Vec<(Option<usize>, String, String, bool)>,
 }
 
 /// Wall-clock time in ms since the Unix epoch.

@@ -142,6 +142,7 @@ impl LinesSource {
                     reason: format!("{} line {}: {reason}", self.name, self.line_no),
                     record: Record::new(raw),
                     input: None,
+                    fault: false,
                 });
             }
         }

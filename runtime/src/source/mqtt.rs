@@ -78,6 +78,7 @@ impl MqttSource {
                     reason,
                     record,
                     input: None,
+                    fault: false,
                 }),
                 None => records.push(record),
             }
