@@ -238,8 +238,8 @@ impl Slot {
             // one by one on a fresh instance, so only the culprit is dead-lettered.
             Err(err) => {
                 let first = err.to_string();
-                self.isolate(err, &batch, &mut next, dead_letters);
-                Some(first)
+                let kinds = self.isolate(err, &batch, &mut next, dead_letters);
+                Some(format!("{first}{}", kinds_said(&kinds)))
             }
         };
         if let Some(first) = first_failure {
@@ -250,14 +250,16 @@ impl Slot {
         next
     }
 
+    /// Returns the kinds of the failures met, one per failed record.
     fn isolate(
         &mut self,
         first: CallError,
         batch: &Encoded,
         next: &mut Encoded,
         dead_letters: &mut Vec<DeadLetter>,
-    ) {
+    ) -> Vec<&'static str> {
         let mut failures_in_a_row = 0;
+        let mut kinds = Vec::new();
         let mut last = first;
         for i in 0..batch.len() {
             if self.time_left() == Some(Duration::ZERO) {
@@ -282,11 +284,13 @@ impl Slot {
                 Ok(()) => failures_in_a_row = 0,
                 Err(err) => {
                     failures_in_a_row += 1;
+                    kinds.push(err.kind());
                     self.dead_letter_from(&err, batch, i, dead_letters);
                     last = err;
                 }
             }
         }
+        kinds
     }
 
     /// One call: outputs go to `next`, rejections to the dead letter. On an
@@ -465,6 +469,30 @@ impl Slot {
             ..dead_letter(self.stage.name(), reason, record, input)
         }
     }
+}
+
+/// `"; retried one by one, its records met: 2 panics, 1 timeout"` when the
+/// records of a failed call failed in more than one way, so the entry does
+/// not lay them all to the first; empty otherwise.
+fn kinds_said(kinds: &[&'static str]) -> String {
+    let mut counted: Vec<(&str, usize)> = Vec::new();
+    for kind in kinds {
+        match counted.iter_mut().find(|(k, _)| k == kind) {
+            Some((_, n)) => *n += 1,
+            None => counted.push((kind, 1)),
+        }
+    }
+    if counted.len() < 2 {
+        return String::new();
+    }
+    let said: Vec<String> = counted
+        .iter()
+        .map(|(kind, n)| match n {
+            1 => format!("1 {kind}"),
+            n => format!("{n} {kind}s"),
+        })
+        .collect();
+    format!("; retried one by one, its records met: {}", said.join(", "))
 }
 
 /// A dead letter for a record a stage refused.

@@ -151,6 +151,21 @@ fn replacing_an_instance_says_its_state_is_lost() {
     );
     let n = summary_numbers(run.summary());
     assert_eq!(n[6], entries.len() as u64, "every entry is counted");
+
+    // Records that fail in different ways are not all laid to the first.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let run = run_faults(dir.path(), &["panic", "hog", "panic", "a"], "");
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let entries = read_json_lines(&dir.path().join("dead.jsonl"));
+    let lost: Vec<_> = entries.iter().filter(|d| is_state_lost(d)).collect();
+    let reason = lost
+        .first()
+        .and_then(|d| d["reason"].as_str())
+        .unwrap_or("");
+    assert!(
+        reason.contains("retried one by one, its records met: 2 panics, 1 memory cap"),
+        "{reason}"
+    );
 }
 
 #[test]

@@ -67,6 +67,21 @@ pub enum CallError {
     Contract(String),
 }
 
+impl CallError {
+    /// What kind of failure, in a word or two, for a count of them.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CallError::Timeout(_) => "timeout",
+            CallError::OutOfTime(_) => "invocation deadline",
+            CallError::MemoryCap(_) => "memory cap",
+            CallError::Panic(_) => "panic",
+            CallError::Trap(_) => "trap",
+            CallError::InitRejected(_) => "failed init",
+            CallError::Contract(_) => "broken contract",
+        }
+    }
+}
+
 /// A stage compiled and linked, ready to instantiate.
 pub struct LoadedStage {
     name: Arc<str>,
