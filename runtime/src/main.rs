@@ -125,7 +125,16 @@ fn main() -> ExitCode {
         std::sync::atomic::Ordering::Relaxed,
     );
     init_tracing(format);
-    let runtime = match tokio::runtime::Runtime::new() {
+    // A Lambda function serves one invocation at a time, and its stages run
+    // on the blocking pool: worker threads would only add to a cold start.
+    let runtime = if in_lambda {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Runtime::new()
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(err) => {
             say!(error, "runnel: cannot start the async runtime: {err}");

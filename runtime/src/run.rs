@@ -273,6 +273,13 @@ pub(crate) struct Runner {
     summary: Summary,
     /// Newest record timestamp seen, for the event clock.
     watermark: Option<i64>,
+    /// The event clock at the last timer flush.
+    event_flushed_at: Option<i64>,
+    /// The pipeline's `timer_ms`: on the event clock, a flush follows the
+    /// record that moves the clock this far past the last one.
+    timer_ms: i64,
+    /// A record's time far in the future was said once already.
+    said_clock_jump: bool,
     connections: Connections,
     batch_size: usize,
     /// Outputs handed to the sink, in order, not yet accepted; their
@@ -367,6 +374,9 @@ impl Runner {
             dead_sink,
             summary: Summary::default(),
             watermark: None,
+            event_flushed_at: None,
+            timer_ms: i64::try_from(pipeline.file.pipeline.timer_ms).unwrap_or(i64::MAX),
+            said_clock_jump: false,
             connections,
             batch_size: pipeline.file.pipeline.batch_size,
             in_flight: std::collections::VecDeque::new(),
@@ -528,45 +538,92 @@ impl Runner {
         batch: crate::source::Batch,
         clock: Clock,
     ) -> anyhow::Result<()> {
-        let before = self.watermark;
         self.summary.inputs += batch.inputs() as u64;
         // Shown now, as the batch below may wait long on an earlier delivery
         // (a broker out of reach) before the loop publishes the figures.
         self.publish_metrics();
-        if clock == Clock::Event {
-            let newest = batch.records.iter().filter_map(|r| r.timestamp).max();
-            self.watermark = self.watermark.max(newest);
-        }
-        // With event time, timers fire as the newest timestamp advances; the
-        // flush runs right after the batch, as part of the same work.
-        let flush_at = match (clock, self.watermark) {
-            (Clock::Event, Some(now)) if Some(now) > before => Some(now),
-            _ => None,
-        };
         let crate::source::Batch {
             id,
             records,
             unreadable,
         } = batch;
+        // With event time, timers fire as the newest timestamp advances,
+        // right after the record that moves it on, as part of the same work.
+        let runs = match clock {
+            Clock::Event => self.event_runs(records),
+            Clock::Wall => vec![(records, None)],
+        };
         let running = self.start_on_chain(move |chain| {
-            let output = chain.process(records);
-            let flushed = flush_at.map(|now| chain.flush(now, false));
-            (output, flushed)
+            runs.into_iter()
+                .map(|(records, flush_at)| {
+                    let output = chain.process(records);
+                    let flushed = flush_at.map(|now| chain.flush(now, false));
+                    (output, flushed)
+                })
+                .collect::<Vec<_>>()
         })?;
         let settled = self
             .finish_deliveries(source, DELIVERIES_IN_FLIGHT - 1)
             .await;
-        let (mut output, flushed) = self.chain_done(running).await?;
+        let outputs = self.chain_done(running).await?;
         settled?;
         self.summary.dead_lettered += unreadable.len() as u64;
-        output.dead_letters.extend(unreadable);
-        let delivery = self.start_delivery(output, false, Some(id)).await;
-        self.in_flight.push_back(delivery);
-        if let Some(flushed) = flushed {
-            let delivery = self.start_delivery(flushed, true, None).await;
+        let mut unreadable = Some(unreadable);
+        let last = outputs.len().saturating_sub(1);
+        for (k, (mut output, flushed)) in outputs.into_iter().enumerate() {
+            output
+                .dead_letters
+                .extend(unreadable.take().into_iter().flatten());
+            // The batch is acknowledged with its last part, once every
+            // part before it was delivered.
+            let batch = (k == last).then_some(id);
+            let delivery = self.start_delivery(output, false, batch).await;
             self.in_flight.push_back(delivery);
+            if let Some(flushed) = flushed {
+                let delivery = self.start_delivery(flushed, true, None).await;
+                self.in_flight.push_back(delivery);
+            }
         }
         Ok(())
+    }
+
+    /// A batch on the event clock, cut after each record that moves the
+    /// clock a `timer_ms` past the last flush, each part with the time to
+    /// flush at after it: windows then close at the same records whatever
+    /// the batch size, and a record is late or not by the records before it
+    /// alone. Always at least one part, so the batch is acknowledged.
+    fn event_runs(&mut self, records: Vec<Record>) -> Vec<(Vec<Record>, Option<i64>)> {
+        let mut runs = Vec::new();
+        let mut run = Vec::new();
+        let far_ahead = now_ms().saturating_add(24 * 60 * 60 * 1000);
+        for record in records {
+            if let Some(time) = record.timestamp {
+                if time > far_ahead && !self.said_clock_jump {
+                    self.said_clock_jump = true;
+                    tracing::warn!(
+                        timestamp = time,
+                        "a record's timestamp is more than a day ahead of this machine's \
+                         clock: the event clock jumps there and closes every window before \
+                         it (timestamps are ms since the Unix epoch; is this one in µs?)"
+                    );
+                }
+                self.watermark = self.watermark.max(Some(time));
+            }
+            run.push(record);
+            let due = match (self.watermark, self.event_flushed_at) {
+                (Some(now), None) => Some(now),
+                (Some(now), Some(then)) if now.saturating_sub(then) >= self.timer_ms => Some(now),
+                _ => None,
+            };
+            if let Some(now) = due {
+                self.event_flushed_at = Some(now);
+                runs.push((std::mem::take(&mut run), Some(now)));
+            }
+        }
+        if !run.is_empty() || runs.is_empty() {
+            runs.push((run, None));
+        }
+        runs
     }
 
     /// Finishes every delivery under way and acknowledges their batches.

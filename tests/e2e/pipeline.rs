@@ -65,9 +65,13 @@ fn demo_pipeline_accounts_for_every_reading() {
             )
         })
         .collect();
+    // In the input's order: on the event clock a batch is cut after each
+    // record that moves the clock a timer_ms on, and these readings are
+    // seconds apart.
     assert_eq!(
         reasons,
         vec![
+            ("validate", "dev-3: temperature 900 C above maximum 125"),
             (
                 "parse",
                 "dev-2: column `temperature` is \"abc\", not a number"
@@ -76,11 +80,10 @@ fn demo_pipeline_accounts_for_every_reading() {
                 "parse",
                 "dev-3: payload is not valid JSON: EOF while parsing a value at line 1 column 47"
             ),
-            ("validate", "dev-3: temperature 900 C above maximum 125"),
         ]
     );
     assert_eq!(
-        dead[2]["record"]["key"], "dev-3",
+        dead[0]["record"]["key"], "dev-3",
         "the record is kept whole"
     );
 
@@ -656,4 +659,56 @@ fn an_http_sink_that_gives_up_says_what_it_refused_and_what_went_through() {
     ] {
         assert!(run.stderr.contains(said), "{said}\n{}", run.stderr);
     }
+}
+
+/// On the event clock (a file source) a window closes after the same record
+/// whatever the batch size: a reading for a window that later readings have
+/// closed is late with 1 record a batch and with 64 alike.
+#[test]
+fn event_time_windows_close_at_the_same_records_whatever_the_batch_size() {
+    let readings = [
+        ("dev-1", 1_767_225_610_000_i64, 20.0),
+        // Moves the clock past dev-1's first minute: its window closes.
+        ("dev-2", 1_767_225_730_000, 30.0),
+        // For dev-1's closed window: late.
+        ("dev-1", 1_767_225_650_000, 22.0),
+    ];
+    let input: String = readings
+        .iter()
+        .map(|(device, ts, t)| {
+            format!(
+                "{{\"key\":\"{device}\",\"timestamp\":{ts},\"payload\":{{\"device\":\"{device}\",\"ts\":{ts},\"temperature\":{t}}}}}\n"
+            )
+        })
+        .collect();
+    let mut results = Vec::new();
+    for batch_size in [1, 64] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("in.jsonl"), &input).expect("input");
+        let pipeline = format!(
+            "[pipeline]\nbatch_size = {batch_size}\n\
+             [source]\ntype = \"file\"\npath = \"in.jsonl\"\nformat = \"record\"\n\
+             [[stage]]\nname = \"parse\"\nwasm = {:?}\n\
+             [[stage]]\nname = \"window\"\nwasm = {:?}\n[stage.config]\nsize_ms = 60000\n\
+             [sink]\ntype = \"stdout\"\n\
+             [dead_letter]\ntype = \"file\"\npath = \"dead.jsonl\"\n",
+            stage("parse").display().to_string(),
+            stage("window").display().to_string()
+        );
+        std::fs::write(dir.path().join("p.toml"), pipeline).expect("pipeline");
+        let run = run_binary(Path::new(BIN), dir.path(), &["run", "p.toml"], b"");
+        assert_eq!(run.status, Some(0), "{}", run.stderr);
+        let dead = read_json_lines(&dir.path().join("dead.jsonl"));
+        assert_eq!(dead.len(), 1, "batch {batch_size}: {dead:?}");
+        assert!(
+            dead[0]["reason"].as_str().unwrap_or("").contains("is late"),
+            "batch {batch_size}: {}",
+            dead[0]
+        );
+        results.push(run.stdout);
+    }
+    assert_eq!(
+        results[0], results[1],
+        "the same windows with batch 1 and 64"
+    );
 }
