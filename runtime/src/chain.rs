@@ -414,7 +414,10 @@ impl Slot {
             Ok(Err(reason)) => reason,
             Err(err) => {
                 self.fail(&err);
-                err.to_string()
+                format!(
+                    "{err}; instance replaced: any state it held (open windows, running \
+                     statistics) is lost"
+                )
             }
         };
         // A failed flush loses what the stage held for it; the dead letter

@@ -387,3 +387,27 @@ fn a_callers_deadline_stops_the_stages_in_time() {
     let output = chain.process(vec![runnel::Record::new("fine")]);
     assert_eq!(output.outcomes, [InputOutcome::Emitted]);
 }
+
+/// A stage that panics in its timer hook loses its state like one that
+/// panics on a record, and its entry says so.
+#[test]
+fn a_panic_in_flush_says_the_state_is_lost() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let run = run_faults(dir.path(), &["panic-at-flush", "a"], "");
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert_eq!(outputs(dir.path()), ["panic-at-flush", "a"]);
+    let entries = read_json_lines(&dir.path().join("dead.jsonl"));
+    let reason = entries
+        .iter()
+        .filter_map(|d| d["reason"].as_str())
+        .find(|r| r.starts_with("flush failed: "))
+        .unwrap_or_default();
+    assert!(
+        reason.contains("stage panicked")
+            && reason.contains("asked to panic at the next flush")
+            && reason.ends_with(
+                "instance replaced: any state it held (open windows, running statistics) is lost"
+            ),
+        "{entries:?}"
+    );
+}

@@ -5,7 +5,7 @@
 //! waiting in the host rather than running), `hog` (allocates without
 //! bound), `reject`, `write-file`, `read-env` (reports what environment it
 //! sees), `connect` (opens a TCP connection), `print` (writes to stdout and
-//! stderr, the last line with no newline), `fan N` (emits N records), `miscount` (the whole batch's answer leaves out its last outcome).
+//! stderr, the last line with no newline), `fan N` (emits N records), `panic-at-flush` (passes, then its next flush panics), `miscount` (the whole batch's answer leaves out its last outcome).
 //! Config: `fail_init = "reason"` makes `init` fail.
 
 use runnel_sdk::{Error, Record, Stage};
@@ -20,6 +20,7 @@ pub struct Config {
 
 pub struct Faults {
     hoard: Vec<Vec<u8>>,
+    panic_at_flush: bool,
 }
 
 impl Stage for Faults {
@@ -29,7 +30,14 @@ impl Stage for Faults {
         if let Some(reason) = config.fail_init {
             return Err(Error::msg(reason));
         }
-        Ok(Faults { hoard: Vec::new() })
+        Ok(Faults {
+            hoard: Vec::new(),
+            panic_at_flush: false,
+        })
+    }
+
+    fn flush(&mut self, _now_ms: i64, _end_of_input: bool) -> Result<Vec<Record>, Error> {
+        self.flush_or_panic()
     }
 
     fn process_batch(&mut self, batch: Vec<Record>) -> Vec<Result<Vec<Record>, Error>> {
@@ -58,6 +66,10 @@ impl Stage for Faults {
                 self.hoard.push(vec![1u8; 1 << 20]);
             },
             b"reject" => Err(Error::msg("asked to reject")),
+            b"panic-at-flush" => {
+                self.panic_at_flush = true;
+                Ok(vec![record])
+            }
             b"write-file" => {
                 std::fs::write("/tmp/runnel-escape", b"x")
                     .map_err(|e| Error::msg(format!("cannot write a file: {e}")))?;
@@ -94,6 +106,15 @@ impl Stage for Faults {
                 None => Ok(vec![record]),
             },
         }
+    }
+}
+
+impl Faults {
+    fn flush_or_panic(&mut self) -> Result<Vec<Record>, Error> {
+        if self.panic_at_flush {
+            panic!("asked to panic at the next flush");
+        }
+        Ok(Vec::new())
     }
 }
 
