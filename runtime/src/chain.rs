@@ -395,10 +395,16 @@ impl Slot {
         // fresh one only to flush it emits nothing, and a stage whose init
         // now fails would add a dead letter at every tick.
         self.instance.as_ref()?;
+        // With no time left the stage keeps what it holds for the next
+        // flush, rather than lose it to a call stopped at once.
+        let limit = self.time_left();
+        if limit == Some(Duration::ZERO) {
+            return None;
+        }
         let started = Instant::now();
         let result = self
             .instance()
-            .and_then(|i| i.flush_encoded(now_ms, end_of_input))
+            .and_then(|i| i.flush_encoded(now_ms, end_of_input, limit))
             .and_then(|r| match r {
                 Ok(buf) => Encoded::parse_records(buf)
                     .map(Ok)

@@ -443,10 +443,13 @@ impl Pipeline {
         let end = stages
             .get(index + 1)
             .map_or(self.source_text.len(), |next| next.name.span().start);
+        // From its `[stage.config]` on, where the stage's own `wasm` or
+        // `name` line, above it, is not taken for the key.
         let part = self.source_text.get(name_span.start..end).unwrap_or("");
-        let span = find_key(part, &key).map_or(name_span.clone(), |at| {
-            name_span.start + at..name_span.start + at + key.len()
-        });
+        let config_at = find_at_line_start(part, "[stage.config").unwrap_or(0);
+        let from = name_span.start + config_at;
+        let span = find_key(&part[config_at..], &key)
+            .map_or(name_span.clone(), |at| from + at..from + at + key.len());
         self.error_at(span, message)
     }
 

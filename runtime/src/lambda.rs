@@ -887,6 +887,12 @@ fn request_headers(
 ) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::new();
     for name in headers.keys() {
+        // Names runnel gives meaning to are its own to set: a client's
+        // `http.status` passed through to an output would set the answer,
+        // and its `query.x` or `path.x` would pose as a parameter.
+        if is_reserved_header(name.as_str()) {
+            continue;
+        }
         let values: Vec<String> = headers
             .get_all(name)
             .iter()
@@ -903,6 +909,14 @@ fn request_headers(
             .map(|(name, value)| (format!("query.{name}"), value)),
     );
     out
+}
+
+/// A header name runnel sets from the request itself, or reads from an
+/// output to make the answer.
+fn is_reserved_header(name: &str) -> bool {
+    ["http.", "path.", "query."].iter().any(|prefix| {
+        name.len() >= prefix.len() && name[..prefix.len()].eq_ignore_ascii_case(prefix)
+    }) || name.eq_ignore_ascii_case(ITEM_ID_HEADER)
 }
 
 /// Query parameters from an event's map of them: each value of a list
@@ -1307,6 +1321,32 @@ mod tests {
         assert_eq!(header("http.method").as_deref(), Some("PUT"));
         assert_eq!(header("path.device").as_deref(), Some("dev-3"));
         assert_eq!(records[0].timestamp, Some(1_428_582_896_000));
+
+        // A client cannot pose as runnel: its headers with runnel's names
+        // are dropped, so they cannot reach an answer through an output.
+        let mut spoofed: Value =
+            serde_json::from_str(include_str!("../../tests/lambda-events/function-url.json"))
+                .expect("sample event");
+        for (name, value) in [
+            ("http.status", "299"),
+            ("HTTP.Content-Type", "text/html"),
+            ("http.method", "DELETE"),
+            ("path.device", "admin"),
+            ("query.site", "elsewhere"),
+        ] {
+            spoofed["headers"][name] = value.into();
+        }
+        let (records, _) = decode(EventShape::Http, spoofed).expect("request");
+        let names: Vec<&str> = records[0].headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(records[0].header("http.method"), Some("POST"), "{names:?}");
+        for name in [
+            "http.status",
+            "http.content-type",
+            "path.device",
+            "query.site",
+        ] {
+            assert!(records[0].header(name).is_none(), "{name}: {names:?}");
+        }
     }
 
     #[test]

@@ -252,7 +252,7 @@ async fn run(path: PathBuf, options: RunOptions) -> ExitCode {
             say!(
                 info,
                 "runnel: stopping: what was read is processed and its outputs delivered, for up \
-                 to {} s; a second Ctrl-C or SIGTERM stops at once",
+                 to {} s; a second Ctrl-C, SIGTERM or SIGHUP stops at once",
                 STOP_GRACE.as_secs()
             );
             tokio::select! {
@@ -372,17 +372,29 @@ fn stop_requests() -> watch::Receiver<u32> {
         use tokio::signal::unix::{signal, SignalKind};
         // SIGHUP too (a closed terminal or ssh session): by default it would
         // end the process on the spot, with no last flush and no figures.
-        if let (Ok(mut interrupt), Ok(mut terminate), Ok(mut hangup)) = (
+        // Unless it is ignored already, as under `nohup`: a handler would
+        // undo that, and the run would stop at logout.
+        let mut hangup = if hangup_ignored() {
+            None
+        } else {
+            signal(SignalKind::hangup()).ok()
+        };
+        if let (Ok(mut interrupt), Ok(mut terminate)) = (
             signal(SignalKind::interrupt()),
             signal(SignalKind::terminate()),
-            signal(SignalKind::hangup()),
         ) {
             tokio::spawn(async move {
                 loop {
+                    let hung_up = async {
+                        match hangup.as_mut() {
+                            Some(hangup) => hangup.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         Some(()) = interrupt.recv() => {}
                         Some(()) = terminate.recv() => {}
-                        Some(()) = hangup.recv() => {}
+                        Some(()) = hung_up => {}
                         else => break,
                     }
                     requests.send_modify(|n| *n += 1);
@@ -408,6 +420,18 @@ fn environment_settings() -> Result<(), ExitCode> {
             say!(error, "runnel: {err}");
             ExitCode::from(EXIT_INVALID)
         })
+}
+
+/// Whether SIGHUP is set to be ignored, as `nohup` sets it.
+#[cfg(unix)]
+fn hangup_ignored() -> bool {
+    // SAFETY: with no new action given, sigaction only reads the current
+    // one into `current`, which is a plain C struct.
+    unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut current) == 0
+            && current.sa_sigaction == libc::SIG_IGN
+    }
 }
 
 /// Resolves once `times` stops were asked for.

@@ -411,9 +411,6 @@ impl Runner {
         Ok(closed?)
     }
 
-    /// Runs `records` through the chain in batches, delivers the outputs and
-    /// dead letters, then flushes the stages' timers at `now`, and says what
-    /// became of each record.
     /// No stage call runs past `deadline` (see [`Chain::set_deadline`]).
     pub(crate) fn set_deadline(&mut self, deadline: Option<std::time::Instant>) {
         if let Some(chain) = &mut self.chain {
@@ -421,6 +418,9 @@ impl Runner {
         }
     }
 
+    /// Runs `records` through the chain in batches, delivers the outputs and
+    /// dead letters, then flushes the stages' timers at `now`, and says what
+    /// became of each record.
     pub(crate) async fn process(
         &mut self,
         records: Vec<Record>,

@@ -384,8 +384,27 @@ fn a_callers_deadline_stops_the_stages_in_time() {
     );
 
     chain.set_deadline(Some(Instant::now() + Duration::from_secs(30)));
-    let output = chain.process(vec![runnel::Record::new("fine")]);
+    let output = chain.process(vec![runnel::Record::new("panic-at-flush")]);
     assert_eq!(output.outcomes, [InputOutcome::Emitted]);
+
+    // With no time left a timer flush is not run at all: what the stage
+    // holds waits for the next one, rather than be lost to a stopped call.
+    chain.set_deadline(Some(Instant::now()));
+    let flushed = chain.flush(0, false);
+    assert!(
+        flushed.dead_letters.is_empty() && flushed.outputs.is_empty(),
+        "{:?}",
+        flushed.dead_letters
+    );
+    chain.set_deadline(None);
+    let flushed = chain.flush(0, true);
+    assert!(
+        flushed.dead_letters[0]
+            .reason
+            .starts_with("flush failed: stage panicked"),
+        "the flush ran once there was time: {:?}",
+        flushed.dead_letters
+    );
 }
 
 /// A stage that panics in its timer hook loses its state like one that

@@ -607,7 +607,7 @@ qos = 1
     let run = runnel.finish();
     assert_eq!(run.status, Some(1), "{}", run.stderr);
     for said in [
-        "for up to 20 s; a second Ctrl-C or SIGTERM stops at once",
+        "for up to 20 s; a second Ctrl-C, SIGTERM or SIGHUP stops at once",
         "their inputs were not acknowledged",
         // The figures so far: one reading in, its output never accepted.
         "until then: 1 in: 1 produced output, 0 filtered, 0 dead-lettered; 0 out",

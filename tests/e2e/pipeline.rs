@@ -712,3 +712,49 @@ fn event_time_windows_close_at_the_same_records_whatever_the_batch_size() {
         "the same windows with batch 1 and 64"
     );
 }
+
+/// Under `nohup` SIGHUP stays ignored: a run started that way outlives the
+/// session it was started from.
+#[test]
+fn a_run_under_nohup_ignores_sighup() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pipeline = format!(
+        "[source]\ntype = \"stdin\"\n[[stage]]\nname = \"pass\"\nwasm = {:?}\n[sink]\ntype = \"stdout\"\nformat = \"payload\"\n",
+        stage("passthrough").display().to_string()
+    );
+    std::fs::write(dir.path().join("p.toml"), pipeline).expect("write pipeline");
+    let mut child = std::process::Command::new("nohup")
+        .args([BIN, "run", "p.toml"])
+        .current_dir(dir.path())
+        .env("RUNNEL_CACHE_DIR", runnel_tests::shared_cache_dir())
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start runnel under nohup");
+    let _guard = runnel_tests::Watchdog::new(child.id());
+    let lines = stdout_lines(&mut child);
+    let mut stdin = child.stdin.take().expect("stdin piped");
+    writeln!(stdin, "before").expect("write");
+    stdin.flush().expect("flush");
+    let first = lines
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("first output");
+    assert_eq!(first, "before");
+    let kill = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    writeln!(stdin, "after").expect("still reading after SIGHUP");
+    stdin.flush().expect("flush");
+    let second = lines
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the run goes on after SIGHUP");
+    assert_eq!(second, "after");
+    drop(stdin);
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+}

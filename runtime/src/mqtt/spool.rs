@@ -183,10 +183,14 @@ impl Spool {
         self.max_bytes >> 20
     }
 
+    /// The error for a failed read or write of the spool's files: out of
+    /// room on the disk, whichever file it was, is a full spool.
     fn io(&self, source: std::io::Error) -> SpoolError {
-        SpoolError::Io {
-            path: self.dir.clone(),
-            source,
+        let path = self.dir.clone();
+        if out_of_room(&source) {
+            SpoolError::NoSpace { path, source }
+        } else {
+            SpoolError::Io { path, source }
         }
     }
 
@@ -217,16 +221,13 @@ impl Spool {
         if let Err(err) = written {
             // Cut what part of the messages did reach the file: the next
             // append would otherwise follow a torn line, and the message
-            // after it would be lost when the file is read back.
-            let _ = self.file.set_len(self.len);
-            return Err(if out_of_room(&err) {
-                SpoolError::NoSpace {
-                    path: self.dir.clone(),
-                    source: err,
-                }
-            } else {
-                self.io(err)
-            });
+            // after it would be lost when the file is read back. Through a
+            // handle of its own, should this one be what failed.
+            let _ = OpenOptions::new()
+                .write(true)
+                .open(self.dir.join(SPOOL_FILE))
+                .and_then(|file| file.set_len(self.len));
+            return Err(self.io(err));
         }
         self.len += needed;
         self.count += messages.len() as u64;
@@ -374,13 +375,24 @@ mod tests {
         let mut spool = Spool::open(dir.path(), 1, WhenFull::RefuseNew).expect("open");
         spool.append(&[msg(0)]).expect("append");
         let good = spool.len;
-        // A handle that cannot write stands in for a disk that fails.
+        // Part of a message reached the disk before it failed...
+        let mut data = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(SPOOL_FILE))
+            .expect("spool file");
+        data.write_all(br#"{"topic":"t/1","payl"#)
+            .expect("a torn part");
+        // ...and the write fails (a handle that cannot write stands in).
         let writable = std::mem::replace(
             &mut spool.file,
             File::open(dir.path().join(SPOOL_FILE)).expect("read-only handle"),
         );
         assert!(spool.append(&[msg(1)]).is_err());
         spool.file = writable;
+        let on_disk = std::fs::metadata(dir.path().join(SPOOL_FILE))
+            .expect("size")
+            .len();
+        assert_eq!(on_disk, good, "the torn part is cut");
         assert_eq!(spool.len, good);
         assert_eq!(spool.count(), 1);
         spool.append(&[msg(2)]).expect("append after the failure");

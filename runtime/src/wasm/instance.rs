@@ -222,13 +222,29 @@ impl StageInstance {
         batch: &[u8],
         limit: Option<Duration>,
     ) -> Result<Vec<u8>, CallError> {
+        let cut = self.begin_within(limit);
+        let answer = self.bindings.call_process(&mut self.store, batch);
+        self.finish_within(answer, cut)
+    }
+
+    /// Starts a call with the stage's deadline, or `limit` when that is
+    /// shorter; returns the limit when it applies.
+    fn begin_within(&mut self, limit: Option<Duration>) -> Option<Duration> {
         let cut = limit.filter(|&limit| limit < self.timeout);
         match cut {
             Some(limit) => self.begin_for(limit),
             None => self.begin(),
         }
-        let answer = self.bindings.call_process(&mut self.store, batch);
-        match finish(&mut self.store, answer, cut.unwrap_or(self.timeout)) {
+        cut
+    }
+
+    /// [`finish`] for a call started by [`Self::begin_within`].
+    fn finish_within<T>(
+        &mut self,
+        result: wasmtime::Result<T>,
+        cut: Option<Duration>,
+    ) -> Result<T, CallError> {
+        match finish(&mut self.store, result, cut.unwrap_or(self.timeout)) {
             Err(CallError::Timeout(after)) if cut.is_some() => Err(CallError::OutOfTime(after)),
             other => other,
         }
@@ -257,12 +273,13 @@ impl StageInstance {
         &mut self,
         now_ms: i64,
         end_of_input: bool,
+        limit: Option<Duration>,
     ) -> Result<Result<Vec<u8>, String>, CallError> {
-        self.begin();
+        let cut = self.begin_within(limit);
         let answer = self
             .bindings
             .call_flush(&mut self.store, now_ms, end_of_input);
-        finish(&mut self.store, answer, self.timeout)
+        self.finish_within(answer, cut)
     }
 
     /// [`Self::flush_encoded`], decoded.
@@ -271,7 +288,7 @@ impl StageInstance {
         now_ms: i64,
         end_of_input: bool,
     ) -> Result<Result<Vec<Record>, String>, CallError> {
-        match self.flush_encoded(now_ms, end_of_input)? {
+        match self.flush_encoded(now_ms, end_of_input, None)? {
             Ok(encoded) => decode_records(&encoded)
                 .map(Ok)
                 .map_err(|e| CallError::Contract(e.to_string())),
