@@ -190,20 +190,32 @@ fn the_embedded_broker_carries_a_pipeline_end_to_end() {
     );
 }
 
+/// [`file_pipeline`] on an embedded broker whose `max_packet_kb` is 2; its
+/// port.
+fn embedded_with_small_packets(dir: &Path) -> u16 {
+    let port = free_port();
+    file_pipeline(
+        dir,
+        &format!("broker = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\nmax_packet_kb = 2\n"),
+        &["sensors/#"],
+    );
+    port
+}
+
+/// A reading of 5,016 bytes, over 2 KiB packets.
+fn oversized_reading() -> String {
+    format!("{{\"n\":1,\"pad\":\"{}\"}}", "x".repeat(5000))
+}
+
 /// The embedded broker takes a message over `max_packet_kb`, so the source
 /// dead-letters it with the reason instead of the broker dropping the
 /// device.
 #[test]
 fn the_embedded_broker_lets_an_oversized_message_reach_the_dead_letter() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let port = free_port();
-    file_pipeline(
-        dir.path(),
-        &format!("broker = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\nmax_packet_kb = 2\n"),
-        &["sensors/#"],
-    );
+    let port = embedded_with_small_packets(dir.path());
     let runnel = start(dir.path());
-    let big = format!("{{\"n\":1,\"pad\":\"{}\"}}", "x".repeat(5000));
+    let big = oversized_reading();
     publish_all(
         port,
         &[
@@ -232,12 +244,7 @@ fn the_embedded_broker_lets_an_oversized_message_reach_the_dead_letter() {
 #[test]
 fn a_dead_letter_over_the_packet_limit_arrives_without_its_payload() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let port = free_port();
-    file_pipeline(
-        dir.path(),
-        &format!("broker = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\nmax_packet_kb = 2\n"),
-        &["sensors/#"],
-    );
+    let port = embedded_with_small_packets(dir.path());
     let pipeline = dir.path().join("p.toml");
     let text = std::fs::read_to_string(&pipeline)
         .expect("read pipeline")
@@ -248,7 +255,7 @@ fn a_dead_letter_over_the_packet_limit_arrives_without_its_payload() {
     std::fs::write(&pipeline, text).expect("write pipeline");
     let runnel = start(dir.path());
     let collector = Collector::start(port, &["dead/#"]);
-    let big = format!("{{\"n\":1,\"pad\":\"{}\"}}", "x".repeat(5000));
+    let big = oversized_reading();
     publish_all(
         port,
         &[

@@ -368,7 +368,20 @@ fn now_ms() -> i64 {
 }
 
 fn spawn_live(dir: &Path) -> std::process::Child {
-    std::process::Command::new(BIN)
+    spawn_live_under(dir, None)
+}
+
+/// [`spawn_live`] through `wrapper` (such as `nohup`), when given.
+fn spawn_live_under(dir: &Path, wrapper: Option<&str>) -> std::process::Child {
+    let mut command = match wrapper {
+        Some(wrapper) => {
+            let mut command = std::process::Command::new(wrapper);
+            command.arg(BIN);
+            command
+        }
+        None => std::process::Command::new(BIN),
+    };
+    command
         .args(["run", "p.toml"])
         .current_dir(dir)
         .env("RUNNEL_CACHE_DIR", runnel_tests::shared_cache_dir())
@@ -441,11 +454,7 @@ fn sigterm_drains_what_was_read_and_exits_cleanly() {
 fn stop_by_signal_drains_what_was_read(signal: &str) {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().expect("temp dir");
-    let pipeline = format!(
-        "[source]\ntype = \"stdin\"\n[[stage]]\nname = \"pass\"\nwasm = {:?}\n[sink]\ntype = \"stdout\"\nformat = \"payload\"\n",
-        stage("passthrough").display().to_string()
-    );
-    std::fs::write(dir.path().join("p.toml"), pipeline).expect("write pipeline");
+    passthrough_stdin_pipeline(dir.path());
     let mut child = spawn_live(dir.path());
     let _guard = runnel_tests::Watchdog::new(child.id());
     let lines = stdout_lines(&mut child);
@@ -713,27 +722,23 @@ fn event_time_windows_close_at_the_same_records_whatever_the_batch_size() {
     );
 }
 
+/// `p.toml` in `dir`: stdin lines through the pass-through stage to stdout.
+fn passthrough_stdin_pipeline(dir: &Path) {
+    let pipeline = format!(
+        "[source]\ntype = \"stdin\"\n[[stage]]\nname = \"pass\"\nwasm = {:?}\n[sink]\ntype = \"stdout\"\nformat = \"payload\"\n",
+        stage("passthrough").display().to_string()
+    );
+    std::fs::write(dir.join("p.toml"), pipeline).expect("write pipeline");
+}
+
 /// Under `nohup` SIGHUP stays ignored: a run started that way outlives the
 /// session it was started from.
 #[test]
 fn a_run_under_nohup_ignores_sighup() {
     use std::io::Write;
     let dir = tempfile::tempdir().expect("temp dir");
-    let pipeline = format!(
-        "[source]\ntype = \"stdin\"\n[[stage]]\nname = \"pass\"\nwasm = {:?}\n[sink]\ntype = \"stdout\"\nformat = \"payload\"\n",
-        stage("passthrough").display().to_string()
-    );
-    std::fs::write(dir.path().join("p.toml"), pipeline).expect("write pipeline");
-    let mut child = std::process::Command::new("nohup")
-        .args([BIN, "run", "p.toml"])
-        .current_dir(dir.path())
-        .env("RUNNEL_CACHE_DIR", runnel_tests::shared_cache_dir())
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start runnel under nohup");
+    passthrough_stdin_pipeline(dir.path());
+    let mut child = spawn_live_under(dir.path(), Some("nohup"));
     let _guard = runnel_tests::Watchdog::new(child.id());
     let lines = stdout_lines(&mut child);
     let mut stdin = child.stdin.take().expect("stdin piped");
