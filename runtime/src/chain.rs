@@ -480,7 +480,7 @@ impl Slot {
     }
 }
 
-/// `"; retried one by one, its records met: 2 panics, 1 timeout"` when the
+/// `"; its records met 2 panics, 1 timeout"` when the
 /// records of a failed call failed in more than one way, so the entry does
 /// not lay them all to the first; empty otherwise.
 fn kinds_said(kinds: &[&'static str]) -> String {
@@ -501,7 +501,7 @@ fn kinds_said(kinds: &[&'static str]) -> String {
             n => format!("{n} {kind}s"),
         })
         .collect();
-    format!("; retried one by one, its records met: {}", said.join(", "))
+    format!("; its records met {}", said.join(", "))
 }
 
 /// A dead letter for a record a stage refused.

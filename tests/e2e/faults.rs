@@ -163,7 +163,7 @@ fn replacing_an_instance_says_its_state_is_lost() {
         .and_then(|d| d["reason"].as_str())
         .unwrap_or("");
     assert!(
-        reason.contains("retried one by one, its records met: 2 panics, 1 memory cap"),
+        reason.contains("; its records met 2 panics, 1 memory cap (4 times, as its records"),
         "{reason}"
     );
 }
