@@ -17,13 +17,22 @@ pub struct CompileCache {
 }
 
 impl CompileCache {
-    pub fn new(dir: PathBuf, engine: &wasmtime::Engine) -> Self {
+    /// The cache in `dir`, or `None` (with a warning) when another user
+    /// could write there: its files are loaded as native code.
+    pub fn open(dir: PathBuf, engine: &wasmtime::Engine) -> Option<Self> {
+        if let Err(reason) = trusted(&dir, WRITABLE_BY_OTHERS) {
+            tracing::warn!(
+                dir = %dir.display(),
+                "not using the compile cache, stages are compiled at every start: {reason}"
+            );
+            return None;
+        }
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
-        CompileCache {
+        Some(CompileCache {
             dir,
             engine_hash: hasher.finish(),
-        }
+        })
     }
 
     /// The compiled stage for the wasm `file` holds, if this cache has it.
@@ -38,6 +47,10 @@ impl CompileCache {
         hasher.update_reader(file)?;
         let path = self.entry(hasher);
         if !path.exists() {
+            return Ok(None);
+        }
+        if let Err(reason) = trusted(&path, WRITABLE_BY_GROUP_OR_OTHERS) {
+            tracing::warn!(path = %path.display(), "compiling the stage again: {reason}");
             return Ok(None);
         }
         // SAFETY: the file is one this cache wrote with `precompile_component`
@@ -93,11 +106,105 @@ pub enum CacheOutcome {
     Compiled,
 }
 
+const WRITABLE_BY_OTHERS: u32 = 0o002;
+const WRITABLE_BY_GROUP_OR_OTHERS: u32 = 0o022;
+
+/// Whether a cache folder or file (when it exists) is one only this user,
+/// or root, can change. Anyone who can put a file in the cache can have
+/// their code run as runnel's user.
+#[cfg(unix)]
+fn trusted(path: &Path, writable_mask: u32) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(format!("cannot read its permissions: {err}")),
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(format!(
+            "it belongs to user id {}, not to this user ({me})",
+            meta.uid()
+        ));
+    }
+    if meta.mode() & writable_mask != 0 {
+        return Err(format!(
+            "other users can write to it (mode {:o})",
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn trusted(_path: &Path, _writable_mask: u32) -> Result<(), String> {
+    Ok(())
+}
+
 fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        create_private_dir(dir)?;
     }
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
+}
+
+/// The cache's folder, readable and writable by this user alone when runnel
+/// makes it.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn set_mode(path: &Path, mode: u32) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn a_cache_others_can_write_to_is_not_used() {
+        let engine = wasmtime::Engine::new(wasmtime::Config::new().wasm_component_model(true))
+            .expect("engine");
+        let root = tempfile::tempdir().expect("temp dir");
+        let shared = root.path().join("shared");
+        std::fs::create_dir(&shared).expect("mkdir");
+        set_mode(&shared, 0o777);
+        assert!(CompileCache::open(shared, &engine).is_none());
+
+        let dir = root.path().join("made/by/runnel");
+        let cache = CompileCache::open(dir.clone(), &engine).expect("a new folder is fine");
+        let stage = runnel_tests::stage("passthrough");
+        let wasm = std::fs::read(&stage).expect("stage");
+        cache.compile(&engine, &wasm).expect("compiles");
+        let mode = std::fs::metadata(&dir).expect("made").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "the folder runnel makes is its own");
+
+        let find = || {
+            let mut file = std::fs::File::open(&stage).expect("stage");
+            cache.find(&engine, &mut file).expect("reads")
+        };
+        assert!(find().is_some(), "its own entry is used");
+        let entry = std::fs::read_dir(&dir)
+            .expect("list")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "cwasm"))
+            .expect("an entry");
+        set_mode(&entry, 0o666);
+        assert!(find().is_none(), "an entry others could have replaced");
+        set_mode(&entry, 0o644);
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&entry, Some(65534), None).expect("chown");
+            assert!(find().is_none(), "an entry of another user");
+        }
+    }
 }

@@ -118,7 +118,8 @@ impl Engine {
         let cache = options
             .cache_dir
             .as_ref()
-            .map(|dir| Arc::new(CompileCache::new(dir.clone(), &engine)));
+            .and_then(|dir| CompileCache::open(dir.clone(), &engine))
+            .map(Arc::new);
         let ticker = EpochTicker::start(engine.clone());
         Ok(Engine {
             engine,
