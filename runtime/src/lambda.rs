@@ -302,10 +302,16 @@ async fn invoke(
     let single = matches!(shape, EventShape::Http | EventShape::Raw)
         .then(|| records.first().cloned())
         .flatten();
-    let processed = runner
-        .process(records, now_ms())
-        .await
-        .map_err(InvokeError::Pipeline)?;
+    let processed = match runner.process(records, now_ms()).await {
+        Ok(processed) => processed,
+        // A client gets an answer, not API Gateway's bare 502 for a failed
+        // invocation; the reason goes to the log only.
+        Err(err) if shape == EventShape::Http => {
+            tracing::error!("request failed: {}", crate::error_text(&err));
+            return to_answer(&http_error(500, "the request could not be processed"));
+        }
+        Err(err) => return Err(InvokeError::Pipeline(err)),
+    };
     tracing::info!(
         event = ?shape,
         records = count,
@@ -429,6 +435,23 @@ struct RecordProbe<'a> {
     upper: Option<&'a RawValue>,
 }
 
+/// The fields that tell the kind of an event that is a JSON object. serde
+/// would also fill a struct from an array's elements in order, which would
+/// take a device's array of readings for an HTTP request or a batch.
+fn probe(event: &str) -> Option<Probe<'_>> {
+    if !event.trim_start().starts_with('{') {
+        return None;
+    }
+    serde_json::from_str(event).ok()
+}
+
+/// How many fields a JSON object has.
+fn key_count(event: &str) -> Option<usize> {
+    serde_json::from_str::<std::collections::HashMap<&str, serde::de::IgnoredAny>>(event)
+        .ok()
+        .map(|fields| fields.len())
+}
+
 /// A JSON string's value; `None` for any other JSON.
 fn text_of(raw: Option<&RawValue>) -> Option<String> {
     raw.and_then(|r| serde_json::from_str(r.get()).ok())
@@ -437,16 +460,22 @@ fn text_of(raw: Option<&RawValue>) -> Option<String> {
 /// The shape of an event (its JSON text), from the fields each kind has.
 /// Anything but an object is a raw event.
 pub fn detect(event: &str) -> EventShape {
-    let Ok(probe) = serde_json::from_str::<Probe<'_>>(event) else {
+    let Some(probe) = probe(event) else {
         return EventShape::Raw;
     };
     let records = probe
         .records
         .and_then(|r| serde_json::from_str::<Vec<&RawValue>>(r.get()).ok());
     // An empty batch (SQS or Kinesis: the answer is the same) has no
-    // record to say which.
+    // record to say which. Lambda never sends one; a test event may, and it
+    // holds nothing else, where a device's reading with an empty `Records`
+    // field of its own is a raw event.
     if records.as_ref().is_some_and(Vec::is_empty) {
-        return EventShape::Sqs;
+        return if key_count(event) == Some(1) {
+            EventShape::Sqs
+        } else {
+            EventShape::Raw
+        };
     }
     let first = records
         .and_then(|records| records.first().copied())
@@ -487,6 +516,9 @@ fn other_service(event: &str) -> Option<&'static str> {
         #[serde(borrow, default)]
         awslogs: Option<&'a RawValue>,
     }
+    if !event.trim_start().starts_with('{') {
+        return None;
+    }
     if let Ok(top) = serde_json::from_str::<Top<'_>>(event) {
         if top.detail_type.is_some() && top.source.is_some() {
             return Some("an EventBridge event");
@@ -495,7 +527,7 @@ fn other_service(event: &str) -> Option<&'static str> {
             return Some("a CloudWatch Logs event");
         }
     }
-    let probe = serde_json::from_str::<Probe<'_>>(event).ok()?;
+    let probe = probe(event)?;
     let records = serde_json::from_str::<Vec<&RawValue>>(probe.records?.get()).ok()?;
     let first = serde_json::from_str::<RecordProbe<'_>>(records.first()?.get()).ok()?;
     match text_of(first.lower)
@@ -514,7 +546,7 @@ fn other_service(event: &str) -> Option<&'static str> {
 
 /// How many records an SQS or Kinesis batch holds; `None` if it is not one.
 fn batch_len(event: &str) -> Option<usize> {
-    let probe = serde_json::from_str::<Probe<'_>>(event).ok()?;
+    let probe = probe(event)?;
     serde_json::from_str::<Vec<&RawValue>>(probe.records?.get())
         .ok()
         .map(|records| records.len())
@@ -762,7 +794,10 @@ fn kafka(event: KafkaEvent, times: &Times) -> anyhow::Result<Decoded> {
                 .flat_map(|h| h.iter())
                 .map(|(name, bytes)| {
                     let bytes: Vec<u8> = bytes.iter().map(|b| *b as u8).collect();
-                    (name.clone(), String::from_utf8_lossy(&bytes).into_owned())
+                    // As with the key: bytes that are not text come as base64.
+                    let value =
+                        String::from_utf8(bytes).unwrap_or_else(|e| b64.encode(e.into_bytes()));
+                    (name.clone(), value)
                 })
                 .collect();
             record.headers.push((ITEM_ID_HEADER.into(), id.clone()));
@@ -1121,12 +1156,17 @@ fn http_answer(outputs: &[&Record], dead_lettered: bool, reason: String) -> anyh
     // A stage may set the answer's status and content type through its
     // (first) output's headers.
     if let Some(first) = outputs.first() {
-        if let Some(status) = first
-            .header(HTTP_STATUS_HEADER)
-            .and_then(|s| s.trim().parse::<u16>().ok())
-            .filter(|s| (200..=599).contains(s))
-        {
-            answer["statusCode"] = status.into();
+        if let Some(text) = first.header(HTTP_STATUS_HEADER) {
+            match text.trim().parse::<u16>() {
+                Ok(status) if (200..=599).contains(&status) => {
+                    answer["statusCode"] = status.into();
+                }
+                _ => tracing::warn!(
+                    "the output's {HTTP_STATUS_HEADER} header is {text:?}, not a status from \
+                     200 to 599; answering {}",
+                    answer["statusCode"]
+                ),
+            }
         }
         if let Some(content_type) = first.header(HTTP_CONTENT_TYPE_HEADER) {
             answer["headers"]["content-type"] = content_type.into();
@@ -1223,14 +1263,25 @@ mod tests {
             r#"{"Records": 5, "eventSource": 7, "requestContext": null}"#,
             r#"{"Records": [{"EventSource": "aws:sqs"}]}"#,
             // An empty batch: SQS and Kinesis get the same answer.
-            r#"{"Records": [], "records": {}}"#,
+            r#"{"Records": []}"#,
+            // A device's own empty `Records` among its fields.
+            r#"{"device": "d1", "Records": [], "temperature": 21}"#,
+            // Arrays, whose elements would fill the fields that tell kinds
+            // apart by their order.
+            "[20.1, 20.4, 21.0, 21.3, 22.0]",
+            r#"[{"t": 1}, {"t": 2}, {"t": 3}, {"t": 4}, {"t": 5}, {"t": 6}]"#,
+            "[[]]",
+            r#"[[{"eventSource": "aws:sqs"}]]"#,
         ] {
-            let expected = if other.contains("EventSource") || other.contains("[]") {
+            let expected = if other.contains("EventSource") || other == r#"{"Records": []}"# {
                 EventShape::Sqs
             } else {
                 EventShape::Raw
             };
             assert_eq!(detect(other), expected, "{other}");
+        }
+        for array in [r#"[1, "EventBridge"]"#, r#"[[{"eventSource": "aws:sns"}]]"#] {
+            assert_eq!(other_service(array), None, "{array}");
         }
     }
 
@@ -1564,17 +1615,24 @@ mod tests {
             .and_then(|p| p.values_mut().next())
             .expect("a partition");
         // "café" as AWS writes it (signed) and as unsigned bytes.
-        first[0]["headers"] =
-            json!([{"signed": [99, 97, 102, -61, -87]}, {"unsigned": [99, 97, 102, 195, 169]}]);
+        first[0]["headers"] = json!([
+            {"signed": [99, 97, 102, -61, -87]},
+            {"unsigned": [99, 97, 102, 195, 169]},
+            {"bytes": [-1, -2, 65]}
+        ]);
+        // A key that is not UTF-8 ([0xff, 0xfe, 'A']) stays apart from others.
+        first[0]["key"] = "//5B".into();
         let (records, ids) = decode(EventShape::Kafka, event).expect("kafka");
         assert_eq!(
             records[0].headers,
             [
                 ("signed".to_string(), "café".to_string()),
                 ("unsigned".into(), "café".into()),
+                ("bytes".into(), "//5B".into()),
                 (ITEM_ID_HEADER.into(), ids[0].clone())
             ]
         );
+        assert_eq!(records[0].key.as_deref(), Some("//5B"));
     }
 
     #[test]

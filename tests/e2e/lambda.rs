@@ -231,6 +231,19 @@ fn every_event_shape_gets_the_answer_lambda_expects() {
     assert_eq!(answer["outputs"][0]["device"], "dev-1", "{answer}");
     assert_eq!(answer["dead_letters"], serde_json::json!([]));
 
+    // A device's array of readings is a raw event, however many there are:
+    // not taken for a request or a batch by its elements' order.
+    let readings = dir.path().join("readings.json");
+    let reading = serde_json::json!({"device": "dev-1", "ts": 1, "temperature": 20.5});
+    std::fs::write(
+        &readings,
+        serde_json::Value::Array(vec![reading; 6]).to_string(),
+    )
+    .expect("write");
+    let answer = emulator.invoke(&readings).expect("an array");
+    assert!(answer.get("statusCode").is_none(), "{answer}");
+    assert_eq!(answer["dead_letters"][0]["stage"], "parse", "{answer}");
+
     // A malformed SQS event is the invocation's error, and the next works.
     let error = emulator
         .invoke(&event("sqs-malformed.json"))
@@ -304,6 +317,43 @@ fn an_init_failure_is_reported_through_the_runtime_api() {
             run.stderr
         );
     }
+}
+
+/// A sink that cannot take the outputs: a request still gets an HTTP
+/// answer (a 500), where a batch fails its invocation so Lambda retries it.
+#[test]
+fn a_failed_sink_answers_a_request_with_a_500() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    pipeline(dir.path());
+    let text = std::fs::read_to_string(dir.path().join("p.toml")).expect("pipeline");
+    let closed = format!(
+        "[sink]\ntype = \"http\"\nurl = \"http://127.0.0.1:{}/in\"",
+        free_port()
+    );
+    let text = text.replacen("[sink]\ntype = \"none\"", &closed, 1);
+    assert!(text.contains("type = \"http\""), "{text}");
+    std::fs::write(dir.path().join("p.toml"), text).expect("pipeline");
+    let emulator = Emulator::start();
+    let mut function = emulator.function(dir.path(), &["lambda", "p.toml"]);
+    function.wait_for_log("ready for invocations", Duration::from_secs(90));
+
+    let answer = emulator
+        .invoke(&event("apigw-rest.json"))
+        .expect("an answer");
+    assert_eq!(answer["statusCode"], 500, "{answer}");
+    assert!(
+        !answer["body"].to_string().contains("127.0.0.1"),
+        "{answer}"
+    );
+    let error = emulator
+        .invoke(&event("sqs.json"))
+        .expect_err("a batch whose outputs were not taken fails");
+    assert!(error.contains("Runnel.PipelineFailed"), "{error}");
+
+    let log = function.log();
+    assert!(log.contains("request failed"), "{log}");
+    drop(emulator);
+    function.kill();
 }
 
 #[test]
