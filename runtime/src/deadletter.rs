@@ -24,7 +24,42 @@ struct Entry<'a> {
 /// The record a dead-letter sink writes: its payload is one JSON object with
 /// the pipeline, the stage, the reason and the record itself.
 pub fn to_record(pipeline: &str, dead: &DeadLetter, now_ms: i64) -> Record {
-    entry_record(pipeline, dead, now_ms, record_json(&dead.record), None)
+    let record = if dead.record.headers.iter().any(|(name, _)| is_secret(name)) {
+        record_json(&redacted(dead.record.clone()))
+    } else {
+        record_json(&dead.record)
+    };
+    entry_record(pipeline, dead, now_ms, record, None)
+}
+
+/// Headers that carry credentials (an HTTP request's, or an MQTT user
+/// property named like one): dead letters go to logs and topics that more
+/// people read than the stage's inputs.
+const SECRET_HEADERS: [&str; 6] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+    "x-amz-security-token",
+];
+
+/// What a dead letter shows instead of a credential.
+pub const REDACTED: &str = "(redacted)";
+
+fn is_secret(header: &str) -> bool {
+    SECRET_HEADERS
+        .iter()
+        .any(|secret| header.eq_ignore_ascii_case(secret))
+}
+
+fn redacted(mut record: Record) -> Record {
+    for (name, value) in &mut record.headers {
+        if is_secret(name) {
+            *value = REDACTED.into();
+        }
+    }
+    record
 }
 
 /// [`to_record`] with the record's payload left out and the reason why, for
@@ -37,7 +72,7 @@ pub fn to_record_without_payload(
     now_ms: i64,
     refusal: &str,
 ) -> Record {
-    let mut record = dead.record.clone();
+    let mut record = redacted(dead.record.clone());
     let bytes = std::mem::take(&mut record.payload).len();
     let why = format!("{bytes} bytes; the dead-letter sink refused the whole entry: {refusal}");
     entry_record(pipeline, dead, now_ms, record_json(&record), Some(why))
@@ -89,6 +124,23 @@ mod tests {
         assert_eq!(json["record"]["payload"]["t"], 900);
         assert_eq!(json["at"], 7);
         assert!(json.get("payload_omitted").is_none());
+
+        let mut request = dead.clone();
+        request.record.headers = vec![
+            ("Authorization".into(), "Bearer eyJsecret".into()),
+            ("cookie".into(), "session=s3cret".into()),
+            ("x-tenant".into(), "t1".into()),
+        ];
+        for record in [
+            to_record("api", &request, 7),
+            to_record_without_payload("api", &request, 7, "too big"),
+        ] {
+            let text = String::from_utf8(record.payload).expect("utf-8");
+            assert!(!text.contains("s3cret") && !text.contains("eyJ"), "{text}");
+            let json: serde_json::Value = serde_json::from_str(&text).expect("json");
+            assert_eq!(json["record"]["headers"]["Authorization"], REDACTED);
+            assert_eq!(json["record"]["headers"]["x-tenant"], "t1");
+        }
 
         let trimmed = to_record_without_payload("sensors", &dead, 7, "over max_packet_kb");
         let json: serde_json::Value = serde_json::from_slice(&trimmed.payload).expect("json");
