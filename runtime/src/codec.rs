@@ -26,6 +26,9 @@ pub enum LineFormat {
     Record,
 }
 
+/// What a record line is, for errors about one that is not.
+const RECORD_OBJECT: &str = r#"a record object, such as {"payload": {...}, "key": "dev-1"}"#;
+
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
@@ -122,6 +125,10 @@ pub fn decode_line(line: &str, format: LineFormat) -> Result<Record, String> {
 }
 
 fn decode_record(line: &str) -> Result<Record, String> {
+    // serde would also fill the record from an array's elements in order.
+    if !line.trim_start().starts_with('{') {
+        return Err(format!("not a record object: expected {RECORD_OBJECT}"));
+    }
     let parsed: LineIn<'_> =
         serde_json::from_str(line).map_err(|e| format!("not a record object: {e}"))?;
     let payload = match (parsed.payload, parsed.text, parsed.base64) {
@@ -235,6 +242,16 @@ mod tests {
             "give only one of `payload`, `text` and `base64`"
         );
         assert!(err(r#"{"base64": "!!"}"#).starts_with("field `base64` is not valid base64"));
+        for array in [
+            r#"[{"a":1},null,null,null,null,null,{}]"#,
+            r#"[1,"k","t",5]"#,
+        ] {
+            assert!(
+                err(array).contains("expected a record object, such as"),
+                "{array}: {}",
+                err(array)
+            );
+        }
     }
 
     #[test]

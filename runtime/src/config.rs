@@ -530,6 +530,26 @@ impl Pipeline {
                     format!("source: file {} {what}", file.display()),
                 ));
             }
+            // Appending to the file being read feeds every output back in,
+            // with no end on a file that grows faster than it is read.
+            let sinks = [
+                ("sink", Some(&self.file.sink)),
+                ("dead_letter", self.file.dead_letter.as_ref()),
+            ];
+            for (table, sink) in sinks {
+                if let Some(SinkConfig::File { path: out, .. }) = sink {
+                    if same_file(&file, &self.resolve(out)) {
+                        return Err(self.error_at(
+                            self.span_in(table, "path"),
+                            format!(
+                                "{table}: file {} is the source's own file: each line written \
+                                 would be read again as an input, without end",
+                                self.resolve(out).display()
+                            ),
+                        ));
+                    }
+                }
+            }
         }
         if let Some(metrics) = &self.file.metrics {
             metrics
@@ -664,6 +684,23 @@ impl Pipeline {
         find_key(&text[body.clone()], key).map_or(start..body.start, |i| {
             body.start + i..body.start + i + key.len()
         })
+    }
+}
+
+/// Whether two paths name one existing file, links included.
+fn same_file(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
     }
 }
 

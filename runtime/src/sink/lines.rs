@@ -13,6 +13,9 @@ pub struct LinesSink {
     name: String,
     format: LineFormat,
     buf: Vec<u8>,
+    /// The file, when the sink writes one, to cut a batch that failed
+    /// half-way (a full disk) back out of it.
+    file: Option<std::fs::File>,
 }
 
 impl LinesSink {
@@ -22,22 +25,34 @@ impl LinesSink {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             tokio::fs::create_dir_all(dir)
                 .await
-                .map_err(io_err(format!("cannot create folder {}", dir.display())))?;
+                .map_err(io_err(format!(
+                    "cannot create folder {} for {}",
+                    dir.display(),
+                    path.display()
+                )))?;
         }
-        let file = tokio::fs::OpenOptions::new()
+        let cannot_open = || format!("cannot open {} for writing", path.display());
+        let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
-            .await
-            .map_err(io_err(format!(
-                "cannot open {} for writing",
-                path.display()
-            )))?;
-        Ok(Self::new(
-            Box::new(file),
+            .map_err(io_err(cannot_open()))?;
+        let writer = file.try_clone().map_err(io_err(cannot_open()))?;
+        let mut sink = Self::new(
+            Box::new(tokio::fs::File::from_std(writer)),
             path.display().to_string(),
             format,
-        ))
+        );
+        // A line an earlier run left torn (killed, or its disk full) would
+        // run on into this run's first line; it ends where it is instead.
+        if ends_torn(path) {
+            sink.writer
+                .write_all(b"\n")
+                .await
+                .map_err(|e| sink.io_error(e))?;
+        }
+        sink.file = Some(file);
+        Ok(sink)
     }
 
     pub fn stdout(format: LineFormat) -> Self {
@@ -54,6 +69,7 @@ impl LinesSink {
             name,
             format,
             buf: Vec::with_capacity(1 << 16),
+            file: None,
         }
     }
 
@@ -73,6 +89,11 @@ impl Sink for LinesSink {
             encode_line(record, self.format, &mut self.buf);
             self.buf.push(b'\n');
         }
+        let start = self
+            .file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| m.len());
         // One write and a flush per batch: the batch is on its way to disk
         // (or the terminal) before its inputs count as done.
         let result = async {
@@ -80,7 +101,19 @@ impl Sink for LinesSink {
             self.writer.flush().await
         }
         .await;
-        result.map_err(|e| self.io_error(e))?;
+        if let Err(err) = result {
+            // None of the batch counts as written, so none of it stays: the
+            // file keeps whole lines, and a run after this one starts clean.
+            if let (Some(file), Some(start)) = (&self.file, start) {
+                if let Err(cut) = file.set_len(start) {
+                    tracing::warn!(
+                        file = %self.name,
+                        "cannot cut a batch that failed half-way back out: {cut}"
+                    );
+                }
+            }
+            return Err(self.io_error(err));
+        }
         Ok(Vec::new())
     }
 
@@ -91,5 +124,47 @@ impl Sink for LinesSink {
 
     fn describe(&self) -> String {
         self.name.clone()
+    }
+}
+
+/// Whether a file's last byte is there and is not a newline.
+fn ends_torn(path: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut last = [0u8; 1];
+    file.seek(SeekFrom::End(-1)).is_ok() && file.read_exact(&mut last).is_ok() && last[0] != b'\n'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_line_left_torn_ends_before_the_next_run_writes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("out.jsonl");
+        std::fs::write(&path, "{\"payload\":1}\n{\"p").expect("write");
+        let mut sink = LinesSink::open_file(&path, LineFormat::Payload)
+            .await
+            .expect("opens");
+        sink.send(&[Record::new(b"2".to_vec())])
+            .await
+            .expect("writes");
+        sink.close().await.expect("closes");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text, "{\"payload\":1}\n{\"p\n2\n");
+
+        // A file that ends whole gets nothing added.
+        let mut sink = LinesSink::open_file(&path, LineFormat::Payload)
+            .await
+            .expect("opens");
+        sink.send(&[Record::new(b"3".to_vec())])
+            .await
+            .expect("writes");
+        sink.close().await.expect("closes");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text, "{\"payload\":1}\n{\"p\n2\n3\n");
     }
 }
