@@ -100,7 +100,9 @@ pub fn check_writable(path: &std::path::Path) -> Result<(), String> {
     tried
 }
 
-/// What a run did. `inputs == emitted + filtered + dead_lettered` always.
+/// What a run did. An input counts once its outcome is settled: its outputs
+/// accepted by the sink and its dead letters written. Until then, and for
+/// good when an error stops the run, it is [`Summary::unfinished`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Summary {
     /// Inputs read from the source, unreadable ones included.
@@ -119,11 +121,24 @@ pub struct Summary {
     pub dead_letters: u64,
 }
 
+impl Summary {
+    /// Inputs read whose outcome was not settled: in flight, or cut off by
+    /// the error that stopped the run.
+    pub fn unfinished(&self) -> u64 {
+        self.inputs
+            .saturating_sub(self.emitted + self.filtered + self.dead_lettered)
+    }
+}
+
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unfinished = match self.unfinished() {
+            0 => String::new(),
+            n => format!(", {n} not finished"),
+        };
         write!(
             f,
-            "{} in: {} produced output, {} filtered, {} dead-lettered; {} out ({} from timers); {} dead-letter entries",
+            "{} in: {} produced output, {} filtered, {} dead-lettered{unfinished}; {} out ({} from timers); {} dead-letter entries",
             self.inputs,
             self.emitted,
             self.filtered,
@@ -725,13 +740,6 @@ impl Runner {
         from_timer: bool,
         batch: Option<u64>,
     ) -> Delivery {
-        for outcome in &output.outcomes {
-            match outcome {
-                InputOutcome::Emitted => self.summary.emitted += 1,
-                InputOutcome::Filtered => self.summary.filtered += 1,
-                InputOutcome::DeadLettered => self.summary.dead_lettered += 1,
-            }
-        }
         let (inputs, records): (Vec<Option<usize>>, Vec<Record>) =
             output.outputs.into_iter().unzip();
         let sending = if records.is_empty() {
@@ -790,10 +798,6 @@ impl Runner {
                 let input = inputs.get(refused.index).copied().flatten();
                 // An input with a refused output counts as dead-lettered.
                 if let Some(outcome) = input.and_then(|i| outcomes.get_mut(i)) {
-                    if *outcome == InputOutcome::Emitted {
-                        self.summary.emitted -= 1;
-                        self.summary.dead_lettered += 1;
-                    }
                     *outcome = InputOutcome::DeadLettered;
                 }
                 refused_letters.push(DeadLetter {
@@ -807,6 +811,13 @@ impl Runner {
             dead_letters.extend(refused_letters.into_iter().rev());
         }
         self.write_dead_letters(&dead_letters).await?;
+        for outcome in &outcomes {
+            match outcome {
+                InputOutcome::Emitted => self.summary.emitted += 1,
+                InputOutcome::Filtered => self.summary.filtered += 1,
+                InputOutcome::DeadLettered => self.summary.dead_lettered += 1,
+            }
+        }
         Ok(Delivered {
             outcomes,
             dead: dead_letters

@@ -763,3 +763,42 @@ fn a_run_under_nohup_ignores_sighup() {
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(0));
 }
+
+/// Standard output that goes away (a reader that stops, `| head -1`): the
+/// run says so, and its figures add up to what was read, those cut off
+/// counted as not finished.
+#[test]
+fn a_stdout_that_closes_stops_the_run_with_figures_that_add_up() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    passthrough_stdin_pipeline(dir.path());
+    let script = format!(
+        "seq 1 200000 | {BIN:?} run p.toml 2>err.txt | head -n 1; echo \"${{PIPESTATUS[1]}}\" > status.txt"
+    );
+    let shell = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .current_dir(dir.path())
+        .output()
+        .expect("bash");
+    assert_eq!(String::from_utf8_lossy(&shell.stdout), "1\n");
+    let status = std::fs::read_to_string(dir.path().join("status.txt")).expect("status");
+    let stderr = std::fs::read_to_string(dir.path().join("err.txt")).expect("stderr");
+    assert_eq!(status.trim(), "1", "{stderr}");
+    assert!(stderr.contains("cannot write to stdout"), "{stderr}");
+    let summary = stderr
+        .lines()
+        .find_map(|l| l.split_once("stopped by an error after: "))
+        .map(|(_, figures)| figures)
+        .unwrap_or_else(|| panic!("no figures: {stderr}"));
+    let n = runnel_tests::summary_numbers(summary);
+    // in, produced, filtered, dead-lettered, [not finished], out, ...
+    let settled = n[1] + n[2] + n[3];
+    let unfinished = if summary.contains("not finished") {
+        n[4]
+    } else {
+        0
+    };
+    assert_eq!(n[0], settled + unfinished, "{summary}");
+    let out = n[if unfinished > 0 { 5 } else { 4 }];
+    // One output per input here: what counts as produced is what went out.
+    assert_eq!(out, n[1], "{summary}");
+}
