@@ -315,6 +315,92 @@ fn mqtt5_user_properties_become_headers() {
     assert_eq!(records[0]["payload"]["n"], 1);
 }
 
+/// Outputs whose topic or headers hold a character mosquitto refuses (it
+/// closes the connection, and the message would be sent again forever) are
+/// dead-lettered, and those after them arrive; an output's `mqtt.retain`
+/// header sets its own retain flag.
+#[test]
+fn control_characters_in_a_topic_or_header_are_dead_lettered() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broker = Mosquitto::start(&dir.path().join("broker"), free_port());
+    let collector = Collector::start(broker.port, &["out/#"]);
+    let text = format!(
+        r#"
+[mqtt.out]
+broker = "{url}"
+client_id = "runnel-out-{id}"
+protocol = "5"
+
+[source]
+type = "stdin"
+format = "record"
+
+[sink]
+type = "mqtt"
+topic = "out/{{key}}"
+qos = 1
+
+[dead_letter]
+type = "file"
+path = "dead.jsonl"
+"#,
+        url = broker.url(),
+        id = unique(),
+    );
+    std::fs::write(dir.path().join("p.toml"), text).expect("write pipeline");
+    let input = concat!(
+        r#"{"payload":{"n":1},"key":"dev-1"}"#,
+        "\n",
+        r#"{"payload":{"n":2},"key":"dev-2","headers":{"trace":"a\u0001b"}}"#,
+        "\n",
+        r#"{"payload":{"n":3},"key":"dev\n3"}"#,
+        "\n",
+        r#"{"payload":{"n":4},"key":"dev-4","headers":{"bad\u007fname":"x"}}"#,
+        "\n",
+        r#"{"payload":{"n":5},"key":"dev-5","headers":{"trace":"fine"}}"#,
+        "\n",
+        // The one message the broker keeps for later subscribers.
+        r#"{"payload":{"n":6},"key":"dev-6","headers":{"mqtt.retain":"true"}}"#,
+        "\n",
+        r#"{"payload":{"n":7},"key":"dev-7","headers":{"mqtt.retain":"yes"}}"#,
+        "\n",
+    );
+    let run = runnel_tests::run_binary(
+        Path::new(BIN),
+        dir.path(),
+        &["run", "p.toml"],
+        input.as_bytes(),
+    );
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let got = collector.wait_until(DELIVERY, |got| distinct(got).len() == 3);
+    assert_eq!(distinct(&got), BTreeSet::from([1, 5, 6]), "{}", run.stderr);
+    let dead = read_json_lines(&dir.path().join("dead.jsonl"));
+    assert_eq!(dead.len(), 4, "{dead:?}");
+    for entry in &dead[..3] {
+        assert_eq!(entry["stage"], "sink", "{entry}");
+        let reason = entry["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("a character MQTT brokers refuse"),
+            "{reason}"
+        );
+    }
+    assert_eq!(
+        dead[3]["reason"],
+        "the sink refused it: header mqtt.retain is \"yes\"; it takes true or false"
+    );
+    assert!(
+        run.summary()
+            .contains("7 in: 3 produced output, 0 filtered, 4 dead-lettered"),
+        "{}",
+        run.summary()
+    );
+    // Only the message marked retained is kept for a later subscriber.
+    let late = Collector::start(broker.port, &["out/#"]);
+    late.wait_until(Duration::from_secs(5), |got| !got.is_empty());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(distinct(&late.received()), BTreeSet::from([6]));
+}
+
 /// One message too large for the source's connection, one whose output is
 /// too large for the sink's: each is dead-lettered with the reason, and the
 /// readings around them go through, on both protocol versions.

@@ -392,7 +392,8 @@ impl Poller {
                     if quick_drops >= 3 {
                         reason.push_str(
                             " (closed soon after connecting, again and again: does another \
-                             client use this connection's client_id?)",
+                             client use this connection's client_id? the broker's log says \
+                             why it closed it)",
                         );
                     }
                     let delay = backoff.next();

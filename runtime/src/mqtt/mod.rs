@@ -20,7 +20,7 @@ use toml::Spanned;
 pub use conn::{Connection, Gauges, Inbound, Subscription};
 pub use link::{publish_size, Delivery, Message, Outbound};
 pub use spool::{SpoolConfig, WhenFull, SPOOL_FILE};
-pub use topic::{check_filter, filter_matches, KeyPattern, TopicTemplate};
+pub use topic::{check_filter, filter_matches, refused_text, KeyPattern, TopicTemplate};
 
 /// Default listener of the embedded broker.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:1883";

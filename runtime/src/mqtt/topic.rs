@@ -145,6 +145,30 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
 /// longer one would be sent with its length wrapped, as a different topic.
 pub const MAX_TOPIC_BYTES: usize = 65_535;
 
+/// The first character of `text` that brokers refuse in a topic or a user
+/// property: MQTT forbids U+0000 and tells clients not to send the other
+/// control characters or non-characters, and mosquitto closes the
+/// connection on any of them, so such a message would be sent forever.
+pub fn refused_char(text: &str) -> Option<char> {
+    text.chars().find(|&c| is_refused(c))
+}
+
+fn is_refused(c: char) -> bool {
+    let code = c as u32;
+    c.is_control() || (0xFDD0..=0xFDEF).contains(&code) || code & 0xFFFE == 0xFFFE
+}
+
+/// Why a broker would refuse this topic or property text, if it would.
+pub fn refused_text(what: &str, text: &str) -> Option<String> {
+    refused_char(text).map(|c| {
+        format!(
+            "{what} holds U+{:04X}, a character MQTT brokers refuse (they close the \
+             connection): {text:?}",
+            c as u32
+        )
+    })
+}
+
 /// The longest start of `text` of at most `max` bytes that ends on a
 /// character boundary.
 fn cut_at_char(text: &str, max: usize) -> &str {
@@ -203,8 +227,9 @@ impl TopicTemplate {
     /// a dead letter must have somewhere to go.
     pub fn render_filling(&self, record: &Record, fill: Option<&str>) -> Result<String, String> {
         let mut topic = self.text.clone();
+        let unfit = |c: char| matches!(c, '+' | '#') || is_refused(c);
         let place = |value: &str| match fill {
-            Some(fill) if value.contains(['+', '#', '\0']) => value.replace(['+', '#', '\0'], fill),
+            Some(fill) if value.contains(unfit) => value.replace(unfit, fill),
             _ => value.to_string(),
         };
         if topic.contains("{key}") {
@@ -215,6 +240,9 @@ impl TopicTemplate {
         }
         if topic.contains(['+', '#', '\0']) {
             return Err(format!("`{topic}` is not a topic one can publish to"));
+        }
+        if let Some(reason) = refused_text("the topic", &topic) {
+            return Err(reason);
         }
         if topic.len() > MAX_TOPIC_BYTES {
             if fill.is_none() {
@@ -248,7 +276,10 @@ impl TopicTemplate {
                 };
                 if self.text == "{topic}" {
                     // The sink's default: the user wrote no template.
-                    format!("{lacks}, and the sink sets no topic of its own (topic = \"...\")")
+                    format!(
+                        "{lacks}, and the sink publishes to the record's own topic (give it \
+                         one with topic = \"...\")"
+                    )
                 } else {
                     format!("{lacks} for topic `{}`", self.text)
                 }
@@ -386,9 +417,32 @@ mod tests {
         r.topic = Some(String::new());
         assert_eq!(
             own.render(&r),
-            Err("the record's topic is empty, and the sink sets no topic of its own (topic = \"...\")".to_string())
+            Err("the record's topic is empty, and the sink publishes to the record's own topic (give it one with topic = \"...\")".to_string())
         );
         assert!(TopicTemplate::parse("alerts/+").is_err());
         assert!(TopicTemplate::parse("alerts/{device}").is_err());
+    }
+
+    #[test]
+    fn characters_brokers_refuse_are_caught_before_publishing() {
+        let t = TopicTemplate::parse("alerts/{key}").expect("template");
+        for key in [
+            "d\u{7}",
+            "line\nbreak",
+            "del\u{7f}",
+            "c1\u{85}",
+            "nc\u{fffe}",
+            "nc\u{fdd0}",
+        ] {
+            let record = Record::new("x").with_key(key);
+            let err = t.render(&record).expect_err(key);
+            assert!(err.contains("a character MQTT brokers refuse"), "{err}");
+            // A dead letter's topic gets the stand-in instead.
+            let filled = t.render_filling(&record, Some("_")).expect("filled");
+            assert_eq!(refused_char(&filled), None, "{filled:?}");
+        }
+        for fine in ["dev-1", "café", "温度", "emoji-😀", "tab-free"] {
+            assert_eq!(refused_char(fine), None, "{fine}");
+        }
     }
 }

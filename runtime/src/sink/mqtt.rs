@@ -3,7 +3,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{Rejected, Sending, Sink, SinkError};
-use crate::mqtt::{Connection, Outbound, TopicTemplate};
+use crate::mqtt::{refused_text, Connection, Outbound, TopicTemplate};
 use crate::Record;
 
 /// Publishes each record's payload to a topic made from a template, with
@@ -46,15 +46,35 @@ impl Sink for MqttSink {
         let mut rejected = Vec::new();
         let mut messages = Vec::with_capacity(records.len());
         let mut indices = Vec::with_capacity(records.len());
+        // Headers go out as MQTT 5 user properties, which brokers check as
+        // they check topics; on 3.1.1 they are not sent.
+        let v5 = self.conn.is_v5();
         for (index, record) in records.iter().enumerate() {
-            match self.topic.render_filling(record, self.fill) {
-                Ok(topic) => {
+            let topic = self
+                .topic
+                .render_filling(record, self.fill)
+                .and_then(|topic| match v5.then(|| refused_header(record)).flatten() {
+                    Some(reason) => Err(reason),
+                    None => Ok(topic),
+                });
+            let message = topic.and_then(|topic| {
+                let retain = retain_of(record, self.retain)?;
+                let properties = record
+                    .headers
+                    .iter()
+                    .filter(|(name, _)| name != RETAIN_HEADER)
+                    .cloned()
+                    .collect();
+                Ok((topic, retain, properties))
+            });
+            match message {
+                Ok((topic, retain, properties)) => {
                     messages.push(Outbound {
                         topic,
                         payload: record.payload.clone(),
                         qos: self.qos,
-                        retain: self.retain,
-                        properties: record.headers.clone(),
+                        retain,
+                        properties,
                     });
                     indices.push(index);
                 }
@@ -83,5 +103,30 @@ impl Sink for MqttSink {
 
     fn describe(&self) -> String {
         format!("mqtt {} ({})", self.conn.name(), self.conn.url())
+    }
+}
+
+/// Why a broker would refuse one of the record's headers as a user property.
+fn refused_header(record: &Record) -> Option<String> {
+    record.headers.iter().find_map(|(name, value)| {
+        refused_text(&format!("header {name:?}"), name)
+            .or_else(|| refused_text(&format!("the value of header {name:?}"), value))
+    })
+}
+
+/// The output header that sets one message's retain flag, `true` or
+/// `false`, over the sink's `retain`: a stage can keep a last value on one
+/// topic and send alerts unretained on another through one sink. It is not
+/// published as a user property.
+pub const RETAIN_HEADER: &str = "mqtt.retain";
+
+fn retain_of(record: &Record, default: bool) -> Result<bool, String> {
+    match record.header(RETAIN_HEADER) {
+        None => Ok(default),
+        Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(other) => Err(format!(
+            "header {RETAIN_HEADER} is {other:?}; it takes true or false"
+        )),
     }
 }
