@@ -9,6 +9,15 @@ const BIN: &str = env!("CARGO_BIN_EXE_runnel");
 
 /// Runs the `faults` stage over `lines` (one payload each) in batches of 4.
 fn run_faults(dir: &Path, lines: &[&str], extra_stage_settings: &str) -> Run {
+    run_faults_within(dir, lines, extra_stage_settings, 100)
+}
+
+fn run_faults_within(
+    dir: &Path,
+    lines: &[&str],
+    extra_stage_settings: &str,
+    timeout_ms: u64,
+) -> Run {
     let pipeline = format!(
         r#"
 [pipeline]
@@ -19,7 +28,7 @@ path = "in.txt"
 [[stage]]
 name = "faults"
 wasm = {:?}
-timeout_ms = 100
+timeout_ms = {timeout_ms}
 memory_mb = 16
 {extra_stage_settings}
 [sink]
@@ -277,6 +286,42 @@ fn stages_cannot_touch_the_file_system_and_their_output_is_logged() {
         run.stderr
     );
     assert_eq!(outputs(dir.path()), ["print"]);
+}
+
+/// A stage that logs in a loop: a call's first 10,000 lines are logged, the
+/// rest counted and said, and the record still goes through in its time.
+#[test]
+fn a_stage_that_logs_without_end_is_cut_short_in_the_log_only() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Time enough for the 10,000 lines an unoptimised build logs.
+    let run = run_faults_within(dir.path(), &["chatter 30000"], "", 20_000);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert_eq!(outputs(dir.path()), ["chatter 30000"]);
+    let shown = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("chatter "))
+        .count();
+    assert_eq!(shown, 10_000);
+    // 20,000 short lines and the long one.
+    let end = &run.stderr[run.stderr.len().saturating_sub(3000)..];
+    assert!(
+        run.stderr
+            .contains("20001 log lines of one call were dropped"),
+        "{end}"
+    );
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let run = run_faults_within(dir.path(), &["chatter 3"], "", 20_000);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let long = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("yyyy"))
+        .expect("the long line, cut");
+    assert!(long.contains("… (83616 bytes more)"), "{}", long.len());
+    assert!(long.len() < 17_000, "{}", long.len());
+    assert!(!run.stderr.contains("were dropped"), "{}", run.stderr);
 }
 
 #[test]

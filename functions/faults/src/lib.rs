@@ -5,7 +5,8 @@
 //! waiting in the host rather than running), `hog` (allocates without
 //! bound), `reject`, `write-file`, `read-env` (reports what environment it
 //! sees), `connect` (opens a TCP connection), `print` (writes to stdout and
-//! stderr, the last line with no newline), `fan N` (emits N records), `panic-at-flush` (passes, then its next flush panics), `miscount` (the whole batch's answer leaves out its last outcome).
+//! stderr, the last line with no newline), `fan N` (emits N records), `chatter N` (logs N lines and one of
+//! 100 KB, then passes), `panic-at-flush` (passes, then its next flush panics), `miscount` (the whole batch's answer leaves out its last outcome).
 //! Config: `fail_init = "reason"` makes `init` fail.
 
 use runnel_sdk::{Error, Record, Stage};
@@ -90,6 +91,17 @@ impl Stage for Faults {
                 // A last line with no newline must not be lost.
                 print!("goodbye without a newline");
                 let _ = std::io::Write::flush(&mut std::io::stdout());
+                Ok(vec![record])
+            }
+            payload if payload.starts_with(b"chatter ") => {
+                let count: usize = std::str::from_utf8(&payload[8..])
+                    .ok()
+                    .and_then(|n| n.trim().parse().ok())
+                    .ok_or_else(|| Error::msg("chatter takes a count"))?;
+                for i in 0..count {
+                    runnel_sdk::log::log(runnel_sdk::log::Level::Info, &format!("chatter {i}"));
+                }
+                runnel_sdk::log::log(runnel_sdk::log::Level::Warn, &"y".repeat(100_000));
                 Ok(vec![record])
             }
             payload => match payload.strip_prefix(b"fan ") {

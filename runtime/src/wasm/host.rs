@@ -10,11 +10,14 @@ use wasmtime::ResourceLimiter;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::runnel::stage::host::{Host, Level};
-use super::output::GuestOutput;
+use super::output::{GuestOutput, LogBudget, MAX_LOG_LINES_PER_CALL};
 use super::timers::StageClock;
 
 /// Marks a panic message written by the SDK's panic hook.
 const PANIC_PREFIX: &str = "panicked at ";
+
+/// The longest log message shown whole; the rest of a longer one is cut.
+const MAX_LOG_MESSAGE: usize = 16 * 1024;
 
 /// Host state of one stage instance.
 pub struct HostState {
@@ -25,6 +28,7 @@ pub struct HostState {
     /// The panic message of the current call, if the stage panicked.
     pub(crate) panic: Option<String>,
     stderr: GuestOutput,
+    logs: LogBudget,
     /// The clock the stage reads, and when its current call must end.
     pub(crate) clock: StageClock,
     pub(crate) call_deadline: tokio::time::Instant,
@@ -36,8 +40,9 @@ impl HostState {
     /// A sandbox: no preopened directories, no sockets, no environment or
     /// arguments; stdout and stderr go to the log.
     pub fn new(stage: Arc<str>, memory_cap: usize) -> Self {
-        let stdout = GuestOutput::new(stage.clone(), false);
-        let stderr = GuestOutput::new(stage.clone(), true);
+        let logs = LogBudget::default();
+        let stdout = GuestOutput::new(stage.clone(), false, logs.clone());
+        let stderr = GuestOutput::new(stage.clone(), true, logs.clone());
         let clock = StageClock::new();
         let wasi = WasiCtx::builder()
             .monotonic_clock(clock)
@@ -54,6 +59,7 @@ impl HostState {
             stage,
             panic: None,
             stderr,
+            logs,
             clock,
             call_deadline: tokio::time::Instant::now(),
             overslept: Arc::new(AtomicBool::new(false)),
@@ -67,6 +73,19 @@ impl HostState {
         self.panic = None;
         self.limits.denied = None;
         self.stderr.take_tail();
+        self.logs.reset();
+    }
+
+    /// Says how many log lines the call that just ended dropped, if any.
+    pub(crate) fn end_call(&mut self) {
+        let dropped = self.logs.reset();
+        if dropped > 0 {
+            tracing::warn!(
+                stage = &*self.stage,
+                "{dropped} log lines of one call were dropped: a call may log \
+                 {MAX_LOG_LINES_PER_CALL} lines (log calls, stdout and stderr together)"
+            );
+        }
     }
 
     /// Whether the current call waited on a timer until its deadline.
@@ -96,13 +115,24 @@ impl WasiView for HostState {
 impl Host for HostState {
     fn log(&mut self, level: Level, message: String) {
         let stage = &*self.stage;
+        let is_panic = matches!(level, Level::Error) && message.starts_with(PANIC_PREFIX);
+        // A panic explains a dead letter, so it is shown over the budget too.
+        if !self.logs.take() && !is_panic {
+            return;
+        }
+        let mut shown = std::borrow::Cow::Borrowed(message.as_str());
+        if shown.len() > MAX_LOG_MESSAGE {
+            let mut cut = MAX_LOG_MESSAGE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            shown = format!("{}… ({} bytes more)", &message[..cut], message.len() - cut).into();
+        }
         // One call, one log line: a line break in the message would let a
         // stage write lines that read as the host's own.
-        let shown = if message.contains(['\n', '\r']) {
-            std::borrow::Cow::Owned(message.replace('\n', "\\n").replace('\r', "\\r"))
-        } else {
-            std::borrow::Cow::Borrowed(message.as_str())
-        };
+        if shown.contains(['\n', '\r']) {
+            shown = shown.replace('\n', "\\n").replace('\r', "\\r").into();
+        }
         match level {
             Level::Trace => tracing::trace!(target: "runnel::stage", stage, "{shown}"),
             Level::Debug => tracing::debug!(target: "runnel::stage", stage, "{shown}"),
@@ -110,7 +140,7 @@ impl Host for HostState {
             Level::Warn => tracing::warn!(target: "runnel::stage", stage, "{shown}"),
             Level::Error => {
                 tracing::error!(target: "runnel::stage", stage, "{shown}");
-                if message.starts_with(PANIC_PREFIX) {
+                if is_panic {
                     self.panic = Some(message);
                 }
             }

@@ -322,6 +322,7 @@ fn finish<T>(
     result: wasmtime::Result<T>,
     timeout: Duration,
 ) -> Result<T, CallError> {
+    store.data_mut().end_call();
     match result {
         Ok(_) if store.data().overslept() => Err(CallError::Timeout(timeout)),
         Ok(value) => Ok(value),

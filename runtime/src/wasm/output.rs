@@ -1,6 +1,7 @@
 //! Guest stdout and stderr, line by line into `tracing`.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -14,6 +15,38 @@ const MAX_LINE: usize = 4096;
 /// How much of stderr is kept to explain a trap.
 const TAIL: usize = 1024;
 
+/// Most lines one call of a stage may log, its log calls and its stdout and
+/// stderr lines together. A stage that logs in a loop would otherwise spend
+/// its deadline on the host's log, pass or fail by the log level, and fill
+/// a gateway's disk; lines beyond are counted, dropped and reported.
+pub const MAX_LOG_LINES_PER_CALL: u32 = 10_000;
+
+/// The log lines of the current call, shared by the log import and the
+/// stdout and stderr streams.
+#[derive(Clone, Default)]
+pub struct LogBudget {
+    counts: Arc<(AtomicU32, AtomicU32)>,
+}
+
+impl LogBudget {
+    /// Whether one more line may be logged; if not, it is counted as dropped.
+    pub fn take(&self) -> bool {
+        let (written, dropped) = &*self.counts;
+        if written.fetch_add(1, Ordering::Relaxed) < MAX_LOG_LINES_PER_CALL {
+            return true;
+        }
+        dropped.fetch_add(1, Ordering::Relaxed);
+        false
+    }
+
+    /// Starts a call afresh; returns how many lines the last one dropped.
+    pub fn reset(&self) -> u32 {
+        let (written, dropped) = &*self.counts;
+        written.store(0, Ordering::Relaxed);
+        dropped.swap(0, Ordering::Relaxed)
+    }
+}
+
 #[derive(Clone)]
 pub struct GuestOutput {
     inner: Arc<Mutex<Lines>>,
@@ -24,16 +57,18 @@ struct Lines {
     is_stderr: bool,
     partial: Vec<u8>,
     tail: String,
+    budget: LogBudget,
 }
 
 impl GuestOutput {
-    pub fn new(stage: Arc<str>, is_stderr: bool) -> Self {
+    pub fn new(stage: Arc<str>, is_stderr: bool, budget: LogBudget) -> Self {
         GuestOutput {
             inner: Arc::new(Mutex::new(Lines {
                 stage,
                 is_stderr,
                 partial: Vec::new(),
                 tail: String::new(),
+                budget,
             })),
         }
     }
@@ -73,8 +108,12 @@ impl Lines {
         let line = String::from_utf8_lossy(&self.partial).into_owned();
         self.partial.clear();
         let stage = &*self.stage;
+        let shown = self.budget.take();
         if self.is_stderr {
-            tracing::warn!(target: "runnel::stage", stage, stream = "stderr", "{line}");
+            // The tail explains a trap, so it is kept over the budget too.
+            if shown {
+                tracing::warn!(target: "runnel::stage", stage, stream = "stderr", "{line}");
+            }
             if !self.tail.is_empty() {
                 self.tail.push('\n');
             }
@@ -86,7 +125,7 @@ impl Lines {
                 }
                 self.tail.drain(..cut);
             }
-        } else {
+        } else if shown {
             tracing::info!(target: "runnel::stage", stage, stream = "stdout", "{line}");
         }
     }
