@@ -49,7 +49,7 @@ impl CompileCache {
         if !path.exists() {
             return Ok(None);
         }
-        if let Err(reason) = trusted(&path, WRITABLE_BY_GROUP_OR_OTHERS) {
+        if let Err(reason) = trusted(&path, WRITABLE_BY_OTHERS) {
             tracing::warn!(path = %path.display(), "compiling the stage again: {reason}");
             return Ok(None);
         }
@@ -106,8 +106,10 @@ pub enum CacheOutcome {
     Compiled,
 }
 
+/// Write permission for every user. A folder or file only its group can
+/// write to is trusted: under the common umask 002 that group is the
+/// user's own.
 const WRITABLE_BY_OTHERS: u32 = 0o002;
-const WRITABLE_BY_GROUP_OR_OTHERS: u32 = 0o022;
 
 /// Whether a cache folder or file (when it exists) is one only this user,
 /// or root, can change. Anyone who can put a file in the cache can have
@@ -148,6 +150,10 @@ fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     }
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, bytes)?;
+    // Readable by all, as a Lambda package's files must be for the user the
+    // function runs as, and writable by this user alone, whatever the umask.
+    #[cfg(unix)]
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
     std::fs::rename(&tmp, path)
 }
 
@@ -199,9 +205,16 @@ mod tests {
             .map(|e| e.path())
             .find(|p| p.extension().is_some_and(|e| e == "cwasm"))
             .expect("an entry");
+        let mode = std::fs::metadata(&entry)
+            .expect("entry")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644, "whatever the umask");
         set_mode(&entry, 0o666);
         assert!(find().is_none(), "an entry others could have replaced");
-        set_mode(&entry, 0o644);
+        // Its group alone (the user's own, under umask 002) may write.
+        set_mode(&entry, 0o664);
+        assert!(find().is_some(), "an entry its group can write");
         if unsafe { libc::geteuid() } == 0 {
             std::os::unix::fs::chown(&entry, Some(65534), None).expect("chown");
             assert!(find().is_none(), "an entry of another user");
