@@ -158,12 +158,13 @@ fn is_refused(c: char) -> bool {
     c.is_control() || (0xFDD0..=0xFDEF).contains(&code) || code & 0xFFFE == 0xFFFE
 }
 
-/// Why a broker would refuse this topic or property text, if it would.
+/// Why a broker would refuse this topic or property text, if it would. The
+/// text itself is not in it: a header's value may be a credential.
 pub fn refused_text(what: &str, text: &str) -> Option<String> {
     refused_char(text).map(|c| {
         format!(
-            "{what} holds U+{:04X}, a character MQTT brokers refuse (they close the \
-             connection): {text:?}",
+            "{what} holds U+{:04X}, a character MQTT tells clients not to send \
+             (mosquitto closes the connection on it)",
             c as u32
         )
     })
@@ -197,6 +198,9 @@ impl TopicTemplate {
             return Err(format!(
                 "topic template `{template}` holds a wildcard; a message is published to one topic"
             ));
+        }
+        if let Some(reason) = refused_text(&format!("topic template {template:?}"), template) {
+            return Err(reason);
         }
         let mut rest = template;
         while let Some(open) = rest.find('{') {
@@ -241,7 +245,7 @@ impl TopicTemplate {
         if topic.contains(['+', '#', '\0']) {
             return Err(format!("`{topic}` is not a topic one can publish to"));
         }
-        if let Some(reason) = refused_text("the topic", &topic) {
+        if let Some(reason) = refused_text(&format!("the topic {topic:?}"), &topic) {
             return Err(reason);
         }
         if topic.len() > MAX_TOPIC_BYTES {
@@ -421,6 +425,7 @@ mod tests {
         );
         assert!(TopicTemplate::parse("alerts/+").is_err());
         assert!(TopicTemplate::parse("alerts/{device}").is_err());
+        assert!(TopicTemplate::parse("alerts/\u{1}/{key}").is_err());
     }
 
     #[test]
@@ -436,7 +441,10 @@ mod tests {
         ] {
             let record = Record::new("x").with_key(key);
             let err = t.render(&record).expect_err(key);
-            assert!(err.contains("a character MQTT brokers refuse"), "{err}");
+            assert!(
+                err.contains("a character MQTT tells clients not to send"),
+                "{err}"
+            );
             // A dead letter's topic gets the stand-in instead.
             let filled = t.render_filling(&record, Some("_")).expect("filled");
             assert_eq!(refused_char(&filled), None, "{filled:?}");
