@@ -798,7 +798,64 @@ fn a_stdout_that_closes_stops_the_run_with_figures_that_add_up() {
         0
     };
     assert_eq!(n[0], settled + unfinished, "{summary}");
+    assert!(
+        unfinished > 0,
+        "the run stopped with lines under way: {summary}"
+    );
     let out = n[if unfinished > 0 { 5 } else { 4 }];
     // One output per input here: what counts as produced is what went out.
     assert_eq!(out, n[1], "{summary}");
+}
+
+/// A file sink whose write fails half-way (the file size limit here, as a
+/// full disk would): that batch is cut back out, none after it is written,
+/// and the figures count as out exactly the whole lines the file holds.
+#[test]
+fn a_file_sink_that_fails_half_way_keeps_whole_lines_and_true_figures() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pipeline = format!(
+        "[pipeline]\nbatch_size = 16\n[source]\ntype = \"stdin\"\n\
+         [[stage]]\nname = \"pass\"\nwasm = {:?}\n\
+         [sink]\ntype = \"file\"\npath = \"out.txt\"\nformat = \"payload\"\n",
+        stage("passthrough").display().to_string()
+    );
+    std::fs::write(dir.path().join("p.toml"), pipeline).expect("pipeline");
+    let input: String = (0..3000)
+        .map(|i| format!("reading {i:05} {}\n", "x".repeat(24)))
+        .collect();
+    std::fs::write(dir.path().join("in.txt"), input).expect("input");
+    // With SIGXFSZ ignored, a write past the limit fails with EFBIG.
+    let script = format!("trap '' XFSZ; ulimit -f 32; exec {BIN:?} run p.toml < in.txt");
+    let run = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("bash");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    let written = std::fs::read_to_string(dir.path().join("out.txt")).expect("out.txt");
+    assert!(written.ends_with('\n'), "a torn last line");
+    let lines: Vec<&str> = written.lines().collect();
+    assert!(!lines.is_empty() && lines.len() < 3000, "{}", lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(
+            *line,
+            format!("reading {i:05} {}", "x".repeat(24)),
+            "no gap, no tear"
+        );
+    }
+    let summary = stderr
+        .lines()
+        .find_map(|l| l.split_once("stopped by an error after: "))
+        .map(|(_, figures)| figures)
+        .unwrap_or_else(|| panic!("no figures: {stderr}"));
+    assert!(summary.contains("not finished"), "{summary}");
+    let n = runnel_tests::summary_numbers(summary);
+    assert_eq!(
+        n[5] as usize,
+        lines.len(),
+        "out is what the file holds: {summary}"
+    );
+    assert_eq!(n[1] as usize, lines.len(), "{summary}");
 }

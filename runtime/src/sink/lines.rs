@@ -16,6 +16,9 @@ pub struct LinesSink {
     /// The file, when the sink writes one, to cut a batch that failed
     /// half-way (a full disk) back out of it.
     file: Option<std::fs::File>,
+    /// Why a write failed. Every later batch is refused with it: one that
+    /// fits the room the cut made would leave a gap in the file.
+    failed: Option<(std::io::ErrorKind, String)>,
 }
 
 impl LinesSink {
@@ -46,10 +49,12 @@ impl LinesSink {
         // A line an earlier run left torn (killed, or its disk full) would
         // run on into this run's first line; it ends where it is instead.
         if ends_torn(path) {
-            sink.writer
-                .write_all(b"\n")
-                .await
-                .map_err(|e| sink.io_error(e))?;
+            let ended = async {
+                sink.writer.write_all(b"\n").await?;
+                sink.writer.flush().await
+            }
+            .await;
+            ended.map_err(|e| sink.io_error(e))?;
         }
         sink.file = Some(file);
         Ok(sink)
@@ -70,6 +75,7 @@ impl LinesSink {
             format,
             buf: Vec::with_capacity(1 << 16),
             file: None,
+            failed: None,
         }
     }
 
@@ -84,6 +90,10 @@ impl LinesSink {
 #[async_trait]
 impl Sink for LinesSink {
     async fn send(&mut self, records: &[Record]) -> Result<Vec<Rejected>, SinkError> {
+        if let Some((kind, reason)) = &self.failed {
+            let err = std::io::Error::new(*kind, format!("{reason} (an earlier batch)"));
+            return Err(self.io_error(err));
+        }
         self.buf.clear();
         for record in records {
             encode_line(record, self.format, &mut self.buf);
@@ -102,6 +112,7 @@ impl Sink for LinesSink {
         }
         .await;
         if let Err(err) = result {
+            self.failed = Some((err.kind(), err.to_string()));
             // None of the batch counts as written, so none of it stays: the
             // file keeps whole lines, and a run after this one starts clean.
             if let (Some(file), Some(start)) = (&self.file, start) {
