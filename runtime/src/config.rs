@@ -385,6 +385,22 @@ impl Pipeline {
         warnings
     }
 
+    /// Where the dead letters go: its `[dead_letter]`, or by default the
+    /// file beside it; under Lambda, whose task folder is read-only,
+    /// standard output, which Lambda sends to CloudWatch Logs.
+    pub fn dead_letter_sink(&self) -> std::borrow::Cow<'_, SinkConfig> {
+        match &self.file.dead_letter {
+            Some(sink) => std::borrow::Cow::Borrowed(sink),
+            None if matches!(self.file.source, SourceConfig::Lambda { .. }) => {
+                std::borrow::Cow::Owned(SinkConfig::Stdout { format: None })
+            }
+            None => std::borrow::Cow::Owned(SinkConfig::File {
+                path: crate::run::DEFAULT_DEAD_LETTER.into(),
+                format: None,
+            }),
+        }
+    }
+
     /// The folder relative paths in the file are taken from; empty for the
     /// current folder, so paths print as the user wrote them.
     pub fn base_dir(&self) -> &Path {
@@ -532,18 +548,24 @@ impl Pipeline {
             }
             // Appending to the file being read feeds every output back in,
             // with no end on a file that grows faster than it is read.
-            let sinks = [
-                ("sink", Some(&self.file.sink)),
-                ("dead_letter", self.file.dead_letter.as_ref()),
-            ];
+            let dead_letter = self.dead_letter_sink();
+            let sinks = [("sink", &self.file.sink), ("dead_letter", &*dead_letter)];
             for (table, sink) in sinks {
-                if let Some(SinkConfig::File { path: out, .. }) = sink {
+                if let SinkConfig::File { path: out, .. } = sink {
                     if same_file(&file, &self.resolve(out)) {
+                        // The default dead letter has no line of its own.
+                        let (span, note) = match self.file.dead_letter {
+                            None if table == "dead_letter" => (
+                                self.span_in("source", "path"),
+                                " (the default dead letter: give [dead_letter] a path of its own)",
+                            ),
+                            _ => (self.span_in(table, "path"), ""),
+                        };
                         return Err(self.error_at(
-                            self.span_in(table, "path"),
+                            span,
                             format!(
-                                "{table}: file {} is the source's own file: each line written \
-                                 would be read again as an input, without end",
+                                "{table}: file {} is the source's own file{note}: each line \
+                                 written would be read again as an input, without end",
                                 self.resolve(out).display()
                             ),
                         ));

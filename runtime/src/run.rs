@@ -13,7 +13,7 @@ use crate::config::{ConfigError, Pipeline};
 use crate::metrics::Metrics;
 use crate::mqtt::{Connections, SourceNeeds};
 use crate::sink::{Sink, SinkConfig, SinkRole};
-use crate::source::{Clock, Source, SourceConfig};
+use crate::source::{Clock, Source};
 use crate::wasm::{CacheOutcome, CpuTarget, Engine, EngineOptions, LoadedStage, StageLimits};
 use crate::Record;
 
@@ -30,27 +30,11 @@ pub struct RunOptions {
     pub progress: Arc<std::sync::Mutex<Summary>>,
 }
 
-/// Where a pipeline's dead letters go: its `[dead_letter]`, or by default
-/// the file beside it; under Lambda, whose task folder is read-only,
-/// standard output, which Lambda sends to CloudWatch Logs.
-fn dead_letter_sink(pipeline: &Pipeline) -> std::borrow::Cow<'_, SinkConfig> {
-    match &pipeline.file.dead_letter {
-        Some(sink) => std::borrow::Cow::Borrowed(sink),
-        None if matches!(pipeline.file.source, SourceConfig::Lambda { .. }) => {
-            std::borrow::Cow::Owned(SinkConfig::Stdout { format: None })
-        }
-        None => std::borrow::Cow::Owned(SinkConfig::File {
-            path: DEFAULT_DEAD_LETTER.into(),
-            format: None,
-        }),
-    }
-}
-
 /// The files a run of `pipeline` appends to: its file sink, its dead
 /// letter (a file unless the pipeline says otherwise), and each MQTT
 /// connection's spool.
 pub fn output_files(pipeline: &Pipeline) -> Vec<std::path::PathBuf> {
-    let dead = dead_letter_sink(pipeline);
+    let dead = pipeline.dead_letter_sink();
     let sinks = [&pipeline.file.sink, dead.as_ref()]
         .into_iter()
         .filter_map(|sink| match sink {
@@ -392,7 +376,8 @@ impl Runner {
             .sink
             .open(base, SinkRole::Outputs, &connections)
             .await?;
-        let dead_sink = dead_letter_sink(pipeline)
+        let dead_sink = pipeline
+            .dead_letter_sink()
             .open(base, SinkRole::DeadLetters, &connections)
             .await?;
         Ok(Runner {
