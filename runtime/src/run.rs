@@ -312,6 +312,8 @@ struct Delivery {
     inputs: Vec<Option<usize>>,
     records: Vec<Record>,
     dead_letters: Vec<DeadLetter>,
+    /// Inputs the source could not read, dead-lettered with this delivery.
+    unreadable: u64,
     sending: Option<crate::sink::Sending>,
     /// What `sending` came to, once it did.
     accepted: Option<Result<Vec<crate::sink::Rejected>, crate::sink::SinkError>>,
@@ -580,17 +582,17 @@ impl Runner {
             .await;
         let outputs = self.chain_done(running).await?;
         settled?;
-        self.summary.dead_lettered += unreadable.len() as u64;
         let mut unreadable = Some(unreadable);
         let last = outputs.len().saturating_sub(1);
         for (k, (mut output, flushed)) in outputs.into_iter().enumerate() {
-            output
-                .dead_letters
-                .extend(unreadable.take().into_iter().flatten());
+            let unread = unreadable.take().unwrap_or_default();
+            let unread_count = unread.len() as u64;
+            output.dead_letters.extend(unread);
             // The batch is acknowledged with its last part, once every
             // part before it was delivered.
             let batch = (k == last).then_some(id);
-            let delivery = self.start_delivery(output, false, batch).await;
+            let mut delivery = self.start_delivery(output, false, batch).await;
+            delivery.unreadable = unread_count;
             self.in_flight.push_back(delivery);
             if let Some(flushed) = flushed {
                 let delivery = self.start_delivery(flushed, true, None).await;
@@ -739,6 +741,7 @@ impl Runner {
             inputs,
             records,
             dead_letters: output.dead_letters,
+            unreadable: 0,
             sending,
             accepted: None,
         }
@@ -753,6 +756,7 @@ impl Runner {
             inputs,
             mut records,
             mut dead_letters,
+            unreadable,
             sending,
             accepted,
             ..
@@ -796,6 +800,7 @@ impl Runner {
             dead_letters.extend(refused_letters.into_iter().rev());
         }
         self.write_dead_letters(&dead_letters).await?;
+        self.summary.dead_lettered += unreadable;
         for outcome in &outcomes {
             match outcome {
                 InputOutcome::Emitted => self.summary.emitted += 1,
