@@ -116,8 +116,10 @@ impl Host for HostState {
     fn log(&mut self, level: Level, message: String) {
         let stage = &*self.stage;
         let is_panic = matches!(level, Level::Error) && message.starts_with(PANIC_PREFIX);
-        // A panic explains a dead letter, so it is shown over the budget too.
-        if !self.logs.take() && !is_panic {
+        // A call's panic explains its dead letter, so it is shown over the
+        // budget too, once: the prefix is no way around the budget.
+        let first_panic = is_panic && self.panic.is_none();
+        if !first_panic && !self.logs.take() {
             return;
         }
         let mut shown = std::borrow::Cow::Borrowed(message.as_str());
@@ -140,7 +142,7 @@ impl Host for HostState {
             Level::Warn => tracing::warn!(target: "runnel::stage", stage, "{shown}"),
             Level::Error => {
                 tracing::error!(target: "runnel::stage", stage, "{shown}");
-                if is_panic {
+                if first_panic {
                     self.panic = Some(message);
                 }
             }
