@@ -443,11 +443,32 @@ impl Pipeline {
             .split("unknown field `")
             .nth(1)
             .and_then(|rest| rest.split('`').next())
-            .map(|path| path.rsplit('.').next().unwrap_or(path).to_string());
-        let Some(key) = unknown else {
-            return self.error_at(name_span, message);
+            .map(last_level);
+        // A wrong value: the SDK puts the field's path before the reason.
+        let wrong = || {
+            let rest = message.split("invalid stage config: ").nth(1)?;
+            let (path, _) = rest.split_once(": ")?;
+            (!path.is_empty() && !path.contains(' ')).then(|| last_level(path))
         };
-        let message = if matches!(key.as_str(), "name" | "wasm" | "timeout_ms" | "memory_mb") {
+        // This stage's part of the file: up to the next stage's name.
+        let end = stages
+            .get(index + 1)
+            .map_or(self.source_text.len(), |next| next.name.span().start);
+        let part = self.source_text.get(name_span.start..end).unwrap_or("");
+        let config_at = find_at_line_start(part, "[stage.config");
+        let Some(key) = unknown.clone().or_else(wrong) else {
+            // A field left out has no line of its own: its table's header.
+            let span = match config_at {
+                Some(at) if message.contains("missing field") => {
+                    name_span.start + at..name_span.start + at + "[stage.config]".len()
+                }
+                _ => name_span,
+            };
+            return self.error_at(span, message);
+        };
+        let message = if unknown.is_some()
+            && matches!(key.as_str(), "name" | "wasm" | "timeout_ms" | "memory_mb")
+        {
             format!(
                 "{message}\nhint: `{key}` is a setting of the stage itself: put it above \
                  [stage.config]"
@@ -455,14 +476,9 @@ impl Pipeline {
         } else {
             message
         };
-        // This stage's part of the file: up to the next stage's name.
-        let end = stages
-            .get(index + 1)
-            .map_or(self.source_text.len(), |next| next.name.span().start);
         // From its `[stage.config]` on, where the stage's own `wasm` or
         // `name` line, above it, is not taken for the key.
-        let part = self.source_text.get(name_span.start..end).unwrap_or("");
-        let config_at = find_at_line_start(part, "[stage.config").unwrap_or(0);
+        let config_at = config_at.unwrap_or(0);
         let from = name_span.start + config_at;
         let span = find_key(&part[config_at..], &key)
             .map_or(name_span.clone(), |at| from + at..from + at + key.len());
@@ -707,6 +723,13 @@ impl Pipeline {
             body.start + i..body.start + i + key.len()
         })
     }
+}
+
+/// The last level of a field's path, `max` of `limits.max` or `ranges[2]`'s
+/// `ranges`: the key as it stands on its line.
+fn last_level(path: &str) -> String {
+    let last = path.rsplit('.').next().unwrap_or(path);
+    last.split('[').next().unwrap_or(last).to_string()
 }
 
 /// Whether two paths name one existing file, links included.

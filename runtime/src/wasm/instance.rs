@@ -41,7 +41,11 @@ pub enum LoadError {
     CoreModule { path: PathBuf },
     #[error("{path} is not a valid WebAssembly component: {reason}")]
     Invalid { path: PathBuf, reason: String },
-    #[error("{path} is not a runnel stage (world runnel:stage/stage@0.1.0): {reason}")]
+    #[error(
+        "{path} is not a runnel stage (world runnel:stage/stage@0.1.0): {reason}; a stage \
+         built with runnel-sdk exports one through #[map], #[filter], #[flat_map] or \
+         runnel_sdk::export_stage!(YourStage)"
+    )]
     WrongWorld { path: PathBuf, reason: String },
 }
 
