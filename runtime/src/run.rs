@@ -282,6 +282,10 @@ pub(crate) struct Runner {
     chain: Option<Chain>,
     sink: Box<dyn Sink>,
     dead_sink: Box<dyn Sink>,
+    /// Whether each dead letter is also logged: not when the entries go to
+    /// standard output, which under Lambda lands in the same CloudWatch
+    /// log, and would show each one twice.
+    log_dead_letters: bool,
     summary: Summary,
     /// Newest record timestamp seen, for the event clock.
     watermark: Option<i64>,
@@ -378,8 +382,8 @@ impl Runner {
             .sink
             .open(base, SinkRole::Outputs, &connections)
             .await?;
-        let dead_sink = pipeline
-            .dead_letter_sink()
+        let dead_letter = pipeline.dead_letter_sink();
+        let dead_sink = dead_letter
             .open(base, SinkRole::DeadLetters, &connections)
             .await?;
         Ok(Runner {
@@ -387,6 +391,7 @@ impl Runner {
             chain: Some(chain),
             sink,
             dead_sink,
+            log_dead_letters: !matches!(*dead_letter, SinkConfig::Stdout { .. }),
             summary: Summary::default(),
             watermark: None,
             event_flushed_at: None,
@@ -829,8 +834,10 @@ impl Runner {
             .iter()
             .map(|dead| crate::deadletter::to_record(&self.name, dead, now))
             .collect();
-        for dead in dead_letters {
-            tracing::warn!(stage = %dead.stage, reason = %dead.reason, "dead letter");
+        if self.log_dead_letters {
+            for dead in dead_letters {
+                tracing::warn!(stage = %dead.stage, reason = %dead.reason, "dead letter");
+            }
         }
         let refused = self.dead_sink.send(&entries).await?;
         if refused.is_empty() {

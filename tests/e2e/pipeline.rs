@@ -859,3 +859,34 @@ fn a_file_sink_that_fails_half_way_keeps_whole_lines_and_true_figures() {
     );
     assert_eq!(n[1] as usize, lines.len(), "{summary}");
 }
+
+/// Dead letters on standard output (the default under Lambda, where stdout
+/// and the log both land in CloudWatch) are not logged a second time.
+#[test]
+fn dead_letters_on_stdout_are_not_logged_twice() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pipeline = format!(
+        "[source]\ntype = \"stdin\"\n[[stage]]\nname = \"faults\"\nwasm = {:?}\n\
+         [sink]\ntype = \"file\"\npath = \"out.txt\"\nformat = \"payload\"\n\
+         [dead_letter]\ntype = \"stdout\"\n",
+        stage("faults").display().to_string()
+    );
+    std::fs::write(dir.path().join("p.toml"), pipeline).expect("pipeline");
+    let run = run_binary(
+        Path::new(BIN),
+        dir.path(),
+        &["run", "p.toml"],
+        b"ok\nreject\n",
+    );
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let entries: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(entries.len(), 1, "{}", run.stdout);
+    assert!(entries[0].contains("asked to reject"), "{}", entries[0]);
+    assert!(!run.stderr.contains("asked to reject"), "{}", run.stderr);
+    assert!(
+        run.summary()
+            .contains("2 in: 1 produced output, 0 filtered, 1 dead-lettered"),
+        "{}",
+        run.summary()
+    );
+}
