@@ -502,6 +502,7 @@ impl Runner {
                     // Inputs already read are processed, not dropped, a batch
                     // at a time as ever; then the final flush below emits
                     // what windows hold.
+                    source.stop();
                     while let Some(batch) = source.take_pending(batch_size) {
                         self.handle(source, batch, clock).await?;
                         self.publish_metrics();

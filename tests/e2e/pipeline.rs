@@ -890,3 +890,50 @@ fn dead_letters_on_stdout_are_not_logged_twice() {
         run.summary()
     );
 }
+
+/// A stop while a line is only half read (its end not yet written): those
+/// bytes cannot be read again from a pipe, so they go to the dead letter.
+#[test]
+fn a_line_cut_off_by_a_stop_is_dead_lettered() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().expect("temp dir");
+    passthrough_stdin_pipeline(dir.path());
+    let mut child = spawn_live(dir.path());
+    let _guard = runnel_tests::Watchdog::new(child.id());
+    let lines = stdout_lines(&mut child);
+    let mut stdin = child.stdin.take().expect("stdin piped");
+    write!(stdin, "whole\nhalf a li").expect("write");
+    stdin.flush().expect("flush");
+    let first = lines
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("first output");
+    assert_eq!(first, "whole");
+    // The half line is read by now: the whole one before it came out.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    let status = child.wait().expect("wait");
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("stderr");
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("2 in: 1 produced output, 0 filtered, 1 dead-lettered"),
+        "{stderr}"
+    );
+    let dead = runnel_tests::read_json_lines(&dir.path().join("dead-letter.jsonl"));
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["record"]["text"], "half a li");
+    assert_eq!(
+        dead[0]["reason"],
+        "stdin line 2: the run stopped before this line ended"
+    );
+    drop(stdin);
+}

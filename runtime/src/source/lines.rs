@@ -108,6 +108,12 @@ impl LinesSource {
     }
 
     fn take_line(&mut self) {
+        self.take_line_or(None);
+    }
+
+    /// [`Self::take_line`]; with `unended`, the line is dead-lettered for
+    /// that reason rather than read.
+    fn take_line_or(&mut self, unended: Option<&str>) {
         self.line_no += 1;
         let mut raw = std::mem::take(&mut self.buf);
         if raw.last() == Some(&b'\n') {
@@ -125,7 +131,9 @@ impl LinesSource {
             return;
         }
         let truncated = std::mem::take(&mut self.truncated);
-        let decoded = if truncated {
+        let decoded = if let Some(reason) = unended {
+            Err(reason.to_string())
+        } else if truncated {
             Err(format!("line longer than {} MiB", MAX_LINE >> 20))
         } else {
             match std::str::from_utf8(&raw) {
@@ -171,6 +179,15 @@ impl Source for LinesSource {
             }
         }
         Ok(self.take_pending(max))
+    }
+
+    fn stop(&mut self) {
+        self.done = true;
+        // Bytes of a line whose end had not come: read from a pipe, they
+        // could not be read again, so they go to the dead letter.
+        if !self.buf.is_empty() {
+            self.take_line_or(Some("the run stopped before this line ended"));
+        }
     }
 
     /// What was read is at most a batch already.

@@ -172,6 +172,10 @@ pub trait Source: Send {
         None
     }
 
+    /// A stop was asked for: nothing more is read, and what was read of an
+    /// input not yet whole joins the pending ones, to be accounted for.
+    fn stop(&mut self) {}
+
     /// For logs: what this source reads.
     fn describe(&self) -> String;
 }
