@@ -367,80 +367,119 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-fn spawn_live(dir: &Path) -> std::process::Child {
-    spawn_live_under(dir, None)
+/// `runnel run p.toml` in `dir`, fed on stdin as the test goes, its stdout
+/// read line by line; killed if the test fails first.
+struct LiveRun {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
+    _guard: runnel_tests::Watchdog,
 }
 
-/// [`spawn_live`] through `wrapper` (such as `nohup`), when given.
-fn spawn_live_under(dir: &Path, wrapper: Option<&str>) -> std::process::Child {
-    let mut command = match wrapper {
-        Some(wrapper) => {
-            let mut command = std::process::Command::new(wrapper);
-            command.arg(BIN);
-            command
-        }
-        None => std::process::Command::new(BIN),
-    };
-    command
-        .args(["run", "p.toml"])
-        .current_dir(dir)
-        .env("RUNNEL_CACHE_DIR", runnel_tests::shared_cache_dir())
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start runnel")
-}
+impl LiveRun {
+    fn start(dir: &Path) -> Self {
+        Self::start_under(dir, None)
+    }
 
-/// Lines of the child's stdout as they come.
-fn stdout_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
-    use std::io::BufRead;
-    let stdout = child.stdout.take().expect("stdout piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                break;
+    /// [`LiveRun::start`] through `wrapper` (such as `nohup`), when given.
+    fn start_under(dir: &Path, wrapper: Option<&str>) -> Self {
+        use std::io::BufRead;
+        let mut command = match wrapper {
+            Some(wrapper) => {
+                let mut command = std::process::Command::new(wrapper);
+                command.arg(BIN);
+                command
             }
+            None => std::process::Command::new(BIN),
+        };
+        let mut child = command
+            .args(["run", "p.toml"])
+            .current_dir(dir)
+            .env("RUNNEL_CACHE_DIR", runnel_tests::shared_cache_dir())
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start runnel");
+        let guard = runnel_tests::Watchdog::new(child.id());
+        let stdout = child.stdout.take().expect("stdout piped");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        LiveRun {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            _guard: guard,
         }
-    });
-    rx
+    }
+
+    /// Writes `text` to runnel's stdin as it is, newlines included.
+    fn write(&mut self, text: &str) {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().expect("stdin still open");
+        stdin.write_all(text.as_bytes()).expect("write to runnel");
+        stdin.flush().expect("flush");
+    }
+
+    /// The next line runnel writes to stdout.
+    fn next_line(&self, what: &str) -> String {
+        self.lines
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no output: {what}"))
+    }
+
+    /// Sends a signal, such as `-TERM`.
+    fn signal(&self, signal: &str) {
+        let kill = std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(kill.success());
+    }
+
+    /// Closes stdin and waits for the exit: its code and stderr.
+    fn finish(mut self) -> (Option<i32>, String) {
+        use std::io::Read;
+        drop(self.stdin.take());
+        let status = self.child.wait().expect("wait");
+        let mut stderr = String::new();
+        if let Some(mut pipe) = self.child.stderr.take() {
+            pipe.read_to_string(&mut stderr).expect("stderr");
+        }
+        (status.code(), stderr)
+    }
 }
 
 #[test]
 fn a_live_window_closes_on_the_wall_clock_while_input_stays_open() {
-    use std::io::Write;
     let dir = tempfile::tempdir().expect("temp dir");
     live_window_pipeline(dir.path());
-    let mut child = spawn_live(dir.path());
-    let _guard = runnel_tests::Watchdog::new(child.id());
-    let lines = stdout_lines(&mut child);
-    let mut stdin = child.stdin.take().expect("stdin piped");
+    let mut run = LiveRun::start(dir.path());
     let ts = now_ms();
     for t in [20.0, 22.0, 24.0] {
-        writeln!(
-            stdin,
-            r#"{{"key":"d1","payload":{{"device":"d1","ts":{ts},"temperature":{t}}}}}"#
-        )
-        .expect("write");
+        run.write(&format!(
+            "{{\"key\":\"d1\",\"payload\":{{\"device\":\"d1\",\"ts\":{ts},\"temperature\":{t}}}}}\n"
+        ));
     }
-    stdin.flush().expect("flush");
     // The window ends within a second; the timer must emit it without the
     // input ending (stdin is still open here).
-    let first = lines
-        .recv_timeout(std::time::Duration::from_secs(20))
-        .expect("an aggregate before the input ends");
+    let first = run.next_line("an aggregate before the input ends");
     let aggregate: Value = serde_json::from_str(&first).expect("json line");
     assert_eq!(aggregate["headers"]["kind"], "aggregate");
     assert_eq!(aggregate["payload"]["count"], 3);
     assert_eq!(aggregate["payload"]["mean"], 22.0);
-    drop(stdin);
-    let status = child.wait().expect("wait");
-    assert!(status.success());
+    let (status, stderr) = run.finish();
+    assert_eq!(status, Some(0), "{stderr}");
 }
 
 #[test]
@@ -452,43 +491,22 @@ fn sigterm_drains_what_was_read_and_exits_cleanly() {
 }
 
 fn stop_by_signal_drains_what_was_read(signal: &str) {
-    use std::io::{Read, Write};
     let dir = tempfile::tempdir().expect("temp dir");
     passthrough_stdin_pipeline(dir.path());
-    let mut child = spawn_live(dir.path());
-    let _guard = runnel_tests::Watchdog::new(child.id());
-    let lines = stdout_lines(&mut child);
-    let mut stdin = child.stdin.take().expect("stdin piped");
-    for i in 0..10 {
-        writeln!(stdin, "reading {i}").expect("write");
-    }
-    stdin.flush().expect("flush");
-    let mut seen = Vec::new();
-    while seen.len() < 10 {
-        seen.push(
-            lines
-                .recv_timeout(std::time::Duration::from_secs(20))
-                .expect("output"),
-        );
-    }
-    let kill = std::process::Command::new("kill")
-        .args([signal, &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(kill.success());
-    let status = child.wait().expect("wait");
+    let mut run = LiveRun::start(dir.path());
+    run.write(
+        &(0..10)
+            .map(|i| format!("reading {i}\n"))
+            .collect::<String>(),
+    );
+    let seen: Vec<String> = (0..10).map(|_| run.next_line("a reading")).collect();
+    run.signal(signal);
+    let (status, stderr) = run.finish();
     assert_eq!(
-        status.code(),
+        status,
         Some(0),
         "{signal}: a requested stop is a clean exit"
     );
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("stderr");
     let summary = stderr
         .lines()
         .find(|l| l.contains(" in: "))
@@ -735,33 +753,16 @@ fn passthrough_stdin_pipeline(dir: &Path) {
 /// session it was started from.
 #[test]
 fn a_run_under_nohup_ignores_sighup() {
-    use std::io::Write;
     let dir = tempfile::tempdir().expect("temp dir");
     passthrough_stdin_pipeline(dir.path());
-    let mut child = spawn_live_under(dir.path(), Some("nohup"));
-    let _guard = runnel_tests::Watchdog::new(child.id());
-    let lines = stdout_lines(&mut child);
-    let mut stdin = child.stdin.take().expect("stdin piped");
-    writeln!(stdin, "before").expect("write");
-    stdin.flush().expect("flush");
-    let first = lines
-        .recv_timeout(std::time::Duration::from_secs(20))
-        .expect("first output");
-    assert_eq!(first, "before");
-    let kill = std::process::Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(kill.success());
-    writeln!(stdin, "after").expect("still reading after SIGHUP");
-    stdin.flush().expect("flush");
-    let second = lines
-        .recv_timeout(std::time::Duration::from_secs(20))
-        .expect("the run goes on after SIGHUP");
-    assert_eq!(second, "after");
-    drop(stdin);
-    let status = child.wait().expect("wait");
-    assert_eq!(status.code(), Some(0));
+    let mut run = LiveRun::start_under(dir.path(), Some("nohup"));
+    run.write("before\n");
+    assert_eq!(run.next_line("first output"), "before");
+    run.signal("-HUP");
+    run.write("after\n");
+    assert_eq!(run.next_line("the run goes on after SIGHUP"), "after");
+    let (status, stderr) = run.finish();
+    assert_eq!(status, Some(0), "{stderr}");
 }
 
 /// Standard output that goes away (a reader that stops, `| head -1`): the
@@ -895,35 +896,16 @@ fn dead_letters_on_stdout_are_not_logged_twice() {
 /// bytes cannot be read again from a pipe, so they go to the dead letter.
 #[test]
 fn a_line_cut_off_by_a_stop_is_dead_lettered() {
-    use std::io::{Read, Write};
     let dir = tempfile::tempdir().expect("temp dir");
     passthrough_stdin_pipeline(dir.path());
-    let mut child = spawn_live(dir.path());
-    let _guard = runnel_tests::Watchdog::new(child.id());
-    let lines = stdout_lines(&mut child);
-    let mut stdin = child.stdin.take().expect("stdin piped");
-    write!(stdin, "whole\nhalf a li").expect("write");
-    stdin.flush().expect("flush");
-    let first = lines
-        .recv_timeout(std::time::Duration::from_secs(20))
-        .expect("first output");
-    assert_eq!(first, "whole");
+    let mut run = LiveRun::start(dir.path());
+    run.write("whole\nhalf a li");
+    assert_eq!(run.next_line("first output"), "whole");
     // The half line is read by now: the whole one before it came out.
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(kill.success());
-    let status = child.wait().expect("wait");
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("stderr");
-    assert_eq!(status.code(), Some(0), "{stderr}");
+    run.signal("-TERM");
+    let (status, stderr) = run.finish();
+    assert_eq!(status, Some(0), "{stderr}");
     assert!(
         stderr.contains("2 in: 1 produced output, 0 filtered, 1 dead-lettered"),
         "{stderr}"
@@ -935,5 +917,4 @@ fn a_line_cut_off_by_a_stop_is_dead_lettered() {
         dead[0]["reason"],
         "stdin line 2: the run stopped before this line ended"
     );
-    drop(stdin);
 }

@@ -152,29 +152,27 @@ fn ends_torn(path: &Path) -> bool {
 mod tests {
     use super::*;
 
+    /// One run of a file sink: opens `path`, writes one record, closes.
+    async fn append_one(path: &Path, payload: &str) {
+        let mut sink = LinesSink::open_file(path, LineFormat::Payload)
+            .await
+            .expect("opens");
+        sink.send(&[Record::new(payload.as_bytes().to_vec())])
+            .await
+            .expect("writes");
+        sink.close().await.expect("closes");
+    }
+
     #[tokio::test]
     async fn a_line_left_torn_ends_before_the_next_run_writes() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("out.jsonl");
         std::fs::write(&path, "{\"payload\":1}\n{\"p").expect("write");
-        let mut sink = LinesSink::open_file(&path, LineFormat::Payload)
-            .await
-            .expect("opens");
-        sink.send(&[Record::new(b"2".to_vec())])
-            .await
-            .expect("writes");
-        sink.close().await.expect("closes");
+        append_one(&path, "2").await;
         let text = std::fs::read_to_string(&path).expect("read");
         assert_eq!(text, "{\"payload\":1}\n{\"p\n2\n");
-
         // A file that ends whole gets nothing added.
-        let mut sink = LinesSink::open_file(&path, LineFormat::Payload)
-            .await
-            .expect("opens");
-        sink.send(&[Record::new(b"3".to_vec())])
-            .await
-            .expect("writes");
-        sink.close().await.expect("closes");
+        append_one(&path, "3").await;
         let text = std::fs::read_to_string(&path).expect("read");
         assert_eq!(text, "{\"payload\":1}\n{\"p\n2\n3\n");
     }
