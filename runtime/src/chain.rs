@@ -504,11 +504,30 @@ fn kinds_said(kinds: &[&'static str]) -> String {
     format!("; its records met {}", said.join(", "))
 }
 
+/// The longest reason a dead letter keeps from a stage: one that returns
+/// megabytes as its reason would otherwise write them to the dead letter
+/// and the log for every record.
+const MAX_REASON: usize = 4096;
+
+/// `reason`, cut to [`MAX_REASON`] bytes with how much was left out.
+pub(crate) fn bounded_reason(mut reason: String) -> String {
+    if reason.len() > MAX_REASON {
+        let mut cut = MAX_REASON;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let more = reason.len() - cut;
+        reason.truncate(cut);
+        reason.push_str(&format!("… ({more} bytes more)"));
+    }
+    reason
+}
+
 /// A dead letter for a record a stage refused.
 fn dead_letter(stage: &str, reason: String, record: Record, input: Option<usize>) -> DeadLetter {
     DeadLetter {
         stage: stage.to_string(),
-        reason,
+        reason: bounded_reason(reason),
         record,
         input,
         fault: false,

@@ -143,7 +143,7 @@ impl Host for HostState {
             Level::Error => {
                 tracing::error!(target: "runnel::stage", stage, "{shown}");
                 if first_panic {
-                    self.panic = Some(message);
+                    self.panic = Some(crate::chain::bounded_reason(message));
                 }
             }
         }

@@ -9,8 +9,9 @@ use bytes::Bytes;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
-/// Longest line kept before it is logged in pieces, so a stage that writes
-/// without newlines cannot grow the host's memory.
+/// Longest line kept; the rest of a longer one is counted and left out, so
+/// a stage that writes without newlines grows neither the host's memory
+/// nor its log.
 const MAX_LINE: usize = 4096;
 /// How much of stderr is kept to explain a trap.
 const TAIL: usize = 1024;
@@ -56,6 +57,8 @@ struct Lines {
     stage: Arc<str>,
     is_stderr: bool,
     partial: Vec<u8>,
+    /// Bytes of the current line past `MAX_LINE`, left out.
+    cut: usize,
     tail: String,
     budget: LogBudget,
 }
@@ -67,6 +70,7 @@ impl GuestOutput {
                 stage,
                 is_stderr,
                 partial: Vec::new(),
+                cut: 0,
                 tail: String::new(),
                 budget,
             })),
@@ -93,20 +97,38 @@ impl GuestOutput {
 
 impl Lines {
     fn push(&mut self, mut bytes: &[u8]) {
-        while let Some(end) = bytes.iter().position(|&b| b == b'\n') {
-            self.partial.extend_from_slice(&bytes[..end]);
-            self.emit_partial();
-            bytes = &bytes[end + 1..];
-        }
-        self.partial.extend_from_slice(bytes);
-        if self.partial.len() >= MAX_LINE {
-            self.emit_partial();
+        loop {
+            let (piece, rest) = match bytes.iter().position(|&b| b == b'\n') {
+                Some(end) => (&bytes[..end], Some(&bytes[end + 1..])),
+                None => (bytes, None),
+            };
+            // A line keeps its first MAX_LINE bytes; the rest is counted.
+            let room = MAX_LINE.saturating_sub(self.partial.len());
+            let kept = piece.len().min(room);
+            self.partial.extend_from_slice(&piece[..kept]);
+            self.cut += piece.len() - kept;
+            match rest {
+                Some(rest) => {
+                    self.emit_partial();
+                    bytes = rest;
+                }
+                None => break,
+            }
         }
     }
 
     fn emit_partial(&mut self) {
-        let line = String::from_utf8_lossy(&self.partial).into_owned();
+        let mut line = String::from_utf8_lossy(&self.partial).into_owned();
         self.partial.clear();
+        if self.cut > 0 {
+            line.push_str(&format!("… ({} bytes more)", self.cut));
+            self.cut = 0;
+        }
+        // A carriage return would let the stage overwrite the log line on a
+        // terminal so that it reads as runnel's own.
+        if line.contains('\r') {
+            line = line.replace('\r', "\\r");
+        }
         let stage = &*self.stage;
         let shown = self.budget.take();
         if self.is_stderr {
