@@ -150,15 +150,16 @@ impl Host for HostState {
     }
 }
 
-/// Caps the linear memory of one instance, all its memories together (a
-/// component may hold several core modules, each with its own). Growth past
-/// the cap traps the call with a message that names the cap, rather than
-/// handing the guest a failed allocation it would turn into an opaque abort.
+/// Caps the memory of one instance: its linear memories and its tables
+/// together (a component may hold several core modules, each with its own).
+/// Growth past the cap traps the call with a message that names the cap,
+/// rather than handing the guest a failed allocation it would turn into an
+/// opaque abort.
 pub struct MemoryCap {
     cap: usize,
-    /// Bytes held by every memory of the instance. An instance lives in a
-    /// store of its own and memories are never freed before the store, so
-    /// the sum only grows.
+    /// Bytes held by every memory and table of the instance. An instance
+    /// lives in a store of its own and neither is freed before the store,
+    /// so the sum only grows.
     held: usize,
     /// The size the stage asked for when it was refused, for the dead letter.
     pub(crate) denied: Option<usize>,
@@ -174,14 +175,19 @@ impl MemoryCap {
     }
 }
 
-impl ResourceLimiter for MemoryCap {
-    fn memory_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        let total = self.held.saturating_add(desired.saturating_sub(current));
+/// What the host holds for one table element (a function reference).
+const TABLE_ELEMENT_BYTES: usize = 8;
+
+/// Core instances, tables and memories one stage may make. A component
+/// built from Rust has a handful of each; a crafted one could ask for
+/// thousands, each with host memory of its own.
+const MAX_CORE_INSTANCES: usize = 64;
+const MAX_TABLES: usize = 64;
+const MAX_MEMORIES: usize = 16;
+
+impl MemoryCap {
+    fn grow(&mut self, bytes: usize) -> wasmtime::Result<bool> {
+        let total = self.held.saturating_add(bytes);
         if total > self.cap {
             self.denied = Some(total);
             wasmtime::bail!(
@@ -193,14 +199,40 @@ impl ResourceLimiter for MemoryCap {
         self.held = total;
         Ok(true)
     }
+}
 
-    fn table_growing(
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        // Tables hold function references; a million is far past any real stage.
-        Ok(desired <= 1_000_000)
+        self.grow(desired.saturating_sub(current))
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.grow(
+            desired
+                .saturating_sub(current)
+                .saturating_mul(TABLE_ELEMENT_BYTES),
+        )
+    }
+
+    fn instances(&self) -> usize {
+        MAX_CORE_INSTANCES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
     }
 }

@@ -1,0 +1,36 @@
+;; A stage whose instance asks for four tables of a million function
+;; references: 32 MB of the host's memory, over the 16 MiB its pipeline
+;; allows. Built with `wasm-tools parse table-hog.wat -o table-hog.wasm`.
+(component
+  (core module $stage
+    (table 1000000 funcref)
+    (table 1000000 funcref)
+    (table 1000000 funcref)
+    (table 1000000 funcref)
+    (memory (export "memory") 1)
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32)
+      i32.const 1024)
+    ;; Results live at fixed places in the one page of memory.
+    (func (export "init") (param i32 i32) (result i32)
+      (i32.store8 (i32.const 0) (i32.const 0))
+      i32.const 0)
+    (func (export "process") (param i32 i32) (result i32)
+      (i32.store (i32.const 8) (i32.const 512))
+      (i32.store (i32.const 12) (i32.const 0))
+      i32.const 8)
+    (func (export "flush") (param i64 i32) (result i32)
+      (i32.store8 (i32.const 16) (i32.const 0))
+      (i32.store (i32.const 20) (i32.const 512))
+      (i32.store (i32.const 24) (i32.const 0))
+      i32.const 16))
+  (core instance $i (instantiate $stage))
+  (func (export "init") (param "config" string) (result (result (error string)))
+    (canon lift (core func $i "init") (memory (core memory $i "memory"))
+      (realloc (core func $i "realloc"))))
+  (func (export "process") (param "batch" (list u8)) (result (list u8))
+    (canon lift (core func $i "process") (memory (core memory $i "memory"))
+      (realloc (core func $i "realloc"))))
+  (func (export "flush") (param "now" s64) (param "final" bool)
+    (result (result (list u8) (error string)))
+    (canon lift (core func $i "flush") (memory (core memory $i "memory"))
+      (realloc (core func $i "realloc")))))
