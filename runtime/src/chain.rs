@@ -75,7 +75,18 @@ struct Slot {
     stats: StageStats,
     /// No call runs past this (a Lambda invocation's end, less a margin).
     deadline: Option<Instant>,
+    /// Records and bytes this stage has output for the batch under way,
+    /// in calls before the current one.
+    batch_out: (usize, usize),
+    /// The most records this stage may output for one batch. Within a call
+    /// the stage's memory cap holds, but the host keeps every output until
+    /// the sink takes it, and a stage (or a chain of them) that fans out
+    /// without bound would take the host's memory.
+    max_batch_outputs: usize,
 }
+
+/// The most output bytes per batch, as a multiple of the stage's memory cap.
+const MAX_BATCH_OUTPUT_CAPS: usize = 4;
 
 /// Why records are not run when the time a caller gave is up.
 const OUT_OF_TIME: &str =
@@ -102,6 +113,8 @@ impl Chain {
                 instance: Some(instance),
                 stats: StageStats::default(),
                 deadline: None,
+                batch_out: (0, 0),
+                max_batch_outputs: crate::config::DEFAULT_MAX_BATCH_OUTPUTS,
             });
         }
         Ok(Chain {
@@ -121,6 +134,14 @@ impl Chain {
 
     /// Calls into a stage take at most `records` records (the pipeline's
     /// `batch_size`), however many the stage before it made.
+    /// Sets the most records one stage may output for one batch.
+    pub fn with_max_batch_outputs(mut self, records: usize) -> Self {
+        for slot in &mut self.slots {
+            slot.max_batch_outputs = records;
+        }
+        self
+    }
+
     pub fn with_max_call_records(mut self, records: usize) -> Self {
         self.max_call_records = records.max(1);
         self
@@ -206,8 +227,10 @@ impl Slot {
         let Some(first) = parts.next() else {
             return Encoded::with_capacity(0, 0);
         };
+        self.batch_out = (0, 0);
         let mut next = self.process_call(first, dead_letters);
         for part in parts {
+            self.batch_out = (next.len(), next.buf.len());
             let more = self.process_call(part, dead_letters);
             next = append(next, &more);
         }
@@ -243,8 +266,11 @@ impl Slot {
             }
         };
         if let Some(first) = first_failure {
+            // An output limit leaves the instance, and its state, in place.
             let replaced = self.stats.failed_calls - failed_before;
-            dead_letters.push(self.state_lost(&first, replaced));
+            if replaced > 0 {
+                dead_letters.push(self.state_lost(&first, replaced));
+            }
         }
         next.seal();
         next
@@ -309,14 +335,25 @@ impl Slot {
             .instance()
             .and_then(|i| i.process_encoded(&batch.buf, limit));
         let (kept, kept_dead) = (next.len(), dead_letters.len());
-        let (mut emitted, mut rejected) = (0, 0);
+        let (mut emitted, mut rejected) = (0u64, 0u64);
+        // Outputs past the batch's limit are not kept, not even for a moment.
+        let room_records = self
+            .max_batch_outputs
+            .saturating_sub(self.batch_out.0 + kept);
+        let max_bytes = MAX_BATCH_OUTPUT_CAPS * self.stage.limits().memory_bytes;
+        let room_bytes = max_bytes.saturating_sub(self.batch_out.1 + next.buf.len());
+        let (mut out_bytes, mut over) = (0, false);
         let result = answer.and_then(|answer| {
             let name = self.stage.name();
             let read = read_outcomes(&answer, |i, part| match part {
                 Part::Emit(_) => {}
                 Part::Output(bytes) => {
                     emitted += 1;
-                    next.push_raw(bytes, batch.origins.get(i).copied().flatten());
+                    out_bytes += bytes.len();
+                    over |= emitted as usize > room_records || out_bytes > room_bytes;
+                    if !over {
+                        next.push_raw(bytes, batch.origins.get(i).copied().flatten());
+                    }
                 }
                 Part::Reject(reason) => {
                     rejected += 1;
@@ -331,6 +368,13 @@ impl Slot {
                 }
             });
             match read {
+                Ok(_) if over => Err(CallError::OutputLimit(format!(
+                    "its outputs for this batch would pass {} records (max_batch_outputs) or \
+                     {} MiB ({MAX_BATCH_OUTPUT_CAPS} times its memory_mb), the most runnel \
+                     holds for one batch at one stage",
+                    self.max_batch_outputs,
+                    max_bytes >> 20
+                ))),
                 Ok(n) if n == batch.len() => Ok(()),
                 Ok(n) => Err(CallError::Contract(format!(
                     "returned {n} outcomes for {} records",
@@ -348,7 +392,9 @@ impl Slot {
             dead_letters.truncate(kept_dead);
         }
         self.stats.busy += started.elapsed();
-        if let Err(err) = &result {
+        if let Err(CallError::OutputLimit(reason)) = &result {
+            tracing::warn!(stage = self.stage.name(), "call refused: {reason}");
+        } else if let Err(err) = &result {
             if matches!(err, CallError::Timeout(_)) && batch.len() > 1 {
                 // A deadline is per call: a slow stage, rather than a stuck
                 // one, meets it only on full batches, as after a backlog.

@@ -83,6 +83,9 @@ pub struct Settings {
     /// Where compiled stages are cached, relative to the pipeline file;
     /// the user's cache folder when not set.
     pub cache_dir: Option<PathBuf>,
+    /// The most records one stage may output for one batch.
+    #[serde(default = "default_max_batch_outputs")]
+    pub max_batch_outputs: usize,
 }
 
 impl Default for Settings {
@@ -92,8 +95,17 @@ impl Default for Settings {
             batch_size: DEFAULT_BATCH_SIZE,
             timer_ms: DEFAULT_TIMER_MS,
             cache_dir: None,
+            max_batch_outputs: DEFAULT_MAX_BATCH_OUTPUTS,
         }
     }
+}
+
+/// A million tiny records are about a quarter of a GB of the host's memory
+/// once they are records for the sinks.
+pub const DEFAULT_MAX_BATCH_OUTPUTS: usize = 1_000_000;
+
+fn default_max_batch_outputs() -> usize {
+    DEFAULT_MAX_BATCH_OUTPUTS
 }
 
 fn default_name() -> String {
@@ -494,6 +506,12 @@ impl Pipeline {
                     "pipeline.batch_size must be 1 to 65536, not {}",
                     settings.batch_size
                 ),
+            ));
+        }
+        if settings.max_batch_outputs == 0 {
+            return Err(self.error_at(
+                self.span_of("max_batch_outputs"),
+                "pipeline.max_batch_outputs must be 1 or more",
             ));
         }
         if settings.timer_ms == 0 {

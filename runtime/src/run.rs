@@ -211,7 +211,10 @@ pub fn start_chain(pipeline: &Pipeline, engine: &Engine) -> Result<Chain, Config
     let stages = load_stages(pipeline, engine)?;
     let chain = Chain::start(stages)
         .map_err(|(name, err)| pipeline.stage_error(&name, format!("stage `{name}`: {err}")))?;
-    Ok(chain.with_max_call_records(pipeline.file.pipeline.batch_size))
+    let settings = &pipeline.file.pipeline;
+    Ok(chain
+        .with_max_call_records(settings.batch_size)
+        .with_max_batch_outputs(settings.max_batch_outputs))
 }
 
 /// Runs until the source ends or `shutdown` resolves, then drains: the batch

@@ -9,19 +9,22 @@ const BIN: &str = env!("CARGO_BIN_EXE_runnel");
 
 /// Runs the `faults` stage over `lines` (one payload each) in batches of 4.
 fn run_faults(dir: &Path, lines: &[&str], extra_stage_settings: &str) -> Run {
-    run_faults_within(dir, lines, extra_stage_settings, 100)
+    run_faults_within(dir, lines, extra_stage_settings, 100, "")
 }
 
+/// [`run_faults`] with the stage's deadline and more `[pipeline]` settings.
 fn run_faults_within(
     dir: &Path,
     lines: &[&str],
     extra_stage_settings: &str,
     timeout_ms: u64,
+    extra_pipeline_settings: &str,
 ) -> Run {
     let pipeline = format!(
         r#"
 [pipeline]
 batch_size = 4
+{extra_pipeline_settings}
 [source]
 type = "file"
 path = "in.txt"
@@ -294,7 +297,7 @@ fn stages_cannot_touch_the_file_system_and_their_output_is_logged() {
 fn a_stage_that_logs_without_end_is_cut_short_in_the_log_only() {
     let dir = tempfile::tempdir().expect("temp dir");
     // Time enough for the 10,000 lines an unoptimised build logs.
-    let run = run_faults_within(dir.path(), &["chatter 30000"], "", 20_000);
+    let run = run_faults_within(dir.path(), &["chatter 30000"], "", 20_000, "");
     assert_eq!(run.status, Some(0), "{}", run.stderr);
     assert_eq!(outputs(dir.path()), ["chatter 30000"]);
     let shown = run
@@ -312,7 +315,7 @@ fn a_stage_that_logs_without_end_is_cut_short_in_the_log_only() {
     );
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let run = run_faults_within(dir.path(), &["chatter 3"], "", 20_000);
+    let run = run_faults_within(dir.path(), &["chatter 3"], "", 20_000, "");
     assert_eq!(run.status, Some(0), "{}", run.stderr);
     let long = run
         .stderr
@@ -322,6 +325,34 @@ fn a_stage_that_logs_without_end_is_cut_short_in_the_log_only() {
     assert!(long.contains("… (83616 bytes more)"), "{}", long.len());
     assert!(long.len() < 17_000, "{}", long.len());
     assert!(!run.stderr.contains("were dropped"), "{}", run.stderr);
+}
+
+/// A stage that fans out past what the host holds for one batch: the input
+/// that would pass the limit is dead-lettered, the others go through, and
+/// the instance (with its state) stays.
+#[test]
+fn a_fan_out_past_the_batch_limit_is_dead_lettered() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let lines = ["fan 600", "fan 600", "pass"];
+    let run = run_faults_within(dir.path(), &lines, "", 5_000, "max_batch_outputs = 1000");
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert_eq!(outputs(dir.path()).len(), 601);
+    // One entry, and none saying the stage's state was lost.
+    assert_eq!(read_json_lines(&dir.path().join("dead.jsonl")).len(), 1);
+    let dead = dead_reasons(dir.path());
+    assert_eq!(dead[0].0, "fan 600");
+    assert!(
+        dead[0]
+            .1
+            .contains("would pass 1000 records (max_batch_outputs)"),
+        "{}",
+        dead[0].1
+    );
+    assert!(!run.stderr.contains("instance replaced"), "{}", run.stderr);
+    assert_counts_add_up(&run, 3);
+    assert!(run
+        .summary()
+        .contains("3 in: 2 produced output, 0 filtered, 1 dead-lettered"));
 }
 
 #[test]
