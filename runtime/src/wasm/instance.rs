@@ -350,7 +350,13 @@ fn classify(store: &mut Store<HostState>, err: wasmtime::Error, timeout: Duratio
     if let Some(words) = state.last_words() {
         return CallError::Panic(words);
     }
-    CallError::Trap(root_message(&err))
+    let mut message = root_message(&err);
+    if matches!(err.downcast_ref::<Trap>(), Some(Trap::MemoryOutOfBounds)) {
+        // Rust keeps its stack in the stage's memory, below its data: a
+        // recursion too deep runs off its end.
+        message.push_str(" (in a Rust stage, a recursion too deep for its stack shows this way)");
+    }
+    CallError::Trap(message)
 }
 
 /// The innermost cause, which for a trap is what happened ("wasm `unreachable`
