@@ -373,6 +373,9 @@ struct LiveRun {
     child: std::process::Child,
     stdin: Option<std::process::ChildStdin>,
     lines: std::sync::mpsc::Receiver<String>,
+    /// A stop was asked for: the input stays open until runnel exits, so
+    /// its end cannot come first and stand in for the stop.
+    stopping: bool,
     _guard: runnel_tests::Watchdog,
 }
 
@@ -419,6 +422,7 @@ impl LiveRun {
             stdin: child.stdin.take(),
             child,
             lines,
+            stopping: false,
             _guard: guard,
         }
     }
@@ -438,8 +442,9 @@ impl LiveRun {
             .unwrap_or_else(|_| panic!("no output: {what}"))
     }
 
-    /// Sends a signal, such as `-TERM`.
-    fn signal(&self, signal: &str) {
+    /// Sends a signal, such as `-TERM`; `stop` when it should end the run.
+    fn signal(&mut self, signal: &str, stop: bool) {
+        self.stopping |= stop;
         let kill = std::process::Command::new("kill")
             .args([signal, &self.child.id().to_string()])
             .status()
@@ -447,10 +452,14 @@ impl LiveRun {
         assert!(kill.success());
     }
 
-    /// Closes stdin and waits for the exit: its code and stderr.
+    /// Closes stdin (after the exit, when a stop was asked for) and waits
+    /// for the exit: its code and stderr.
     fn finish(mut self) -> (Option<i32>, String) {
         use std::io::Read;
-        drop(self.stdin.take());
+        let stdin = self.stdin.take();
+        if !self.stopping {
+            drop(stdin);
+        }
         let status = self.child.wait().expect("wait");
         let mut stderr = String::new();
         if let Some(mut pipe) = self.child.stderr.take() {
@@ -500,7 +509,7 @@ fn stop_by_signal_drains_what_was_read(signal: &str) {
             .collect::<String>(),
     );
     let seen: Vec<String> = (0..10).map(|_| run.next_line("a reading")).collect();
-    run.signal(signal);
+    run.signal(signal, true);
     let (status, stderr) = run.finish();
     assert_eq!(
         status,
@@ -758,7 +767,7 @@ fn a_run_under_nohup_ignores_sighup() {
     let mut run = LiveRun::start_under(dir.path(), Some("nohup"));
     run.write("before\n");
     assert_eq!(run.next_line("first output"), "before");
-    run.signal("-HUP");
+    run.signal("-HUP", false);
     run.write("after\n");
     assert_eq!(run.next_line("the run goes on after SIGHUP"), "after");
     let (status, stderr) = run.finish();
@@ -903,7 +912,7 @@ fn a_line_cut_off_by_a_stop_is_dead_lettered() {
     assert_eq!(run.next_line("first output"), "whole");
     // The half line is read by now: the whole one before it came out.
     std::thread::sleep(std::time::Duration::from_millis(300));
-    run.signal("-TERM");
+    run.signal("-TERM", true);
     let (status, stderr) = run.finish();
     assert_eq!(status, Some(0), "{stderr}");
     assert!(
