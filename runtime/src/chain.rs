@@ -78,6 +78,9 @@ struct Slot {
     /// Records and bytes this stage has output for the batch under way,
     /// in calls before the current one.
     batch_out: (usize, usize),
+    /// Bytes of the batch under way as it reached this stage: a stage that
+    /// hands on what it takes may always output that much.
+    batch_in_bytes: usize,
     /// The most records this stage may output for one batch. Within a call
     /// the stage's memory cap holds, but the host keeps every output until
     /// the sink takes it, and a stage (or a chain of them) that fans out
@@ -85,7 +88,8 @@ struct Slot {
     max_batch_outputs: usize,
 }
 
-/// The most output bytes per batch, as a multiple of the stage's memory cap.
+/// The most output bytes per batch beyond the batch's own, as a multiple of
+/// the stage's memory cap.
 const MAX_BATCH_OUTPUT_CAPS: usize = 4;
 
 /// Why records are not run when the time a caller gave is up.
@@ -114,6 +118,7 @@ impl Chain {
                 stats: StageStats::default(),
                 deadline: None,
                 batch_out: (0, 0),
+                batch_in_bytes: 0,
                 max_batch_outputs: crate::config::DEFAULT_MAX_BATCH_OUTPUTS,
             });
         }
@@ -132,8 +137,6 @@ impl Chain {
         }
     }
 
-    /// Calls into a stage take at most `records` records (the pipeline's
-    /// `batch_size`), however many the stage before it made.
     /// Sets the most records one stage may output for one batch.
     pub fn with_max_batch_outputs(mut self, records: usize) -> Self {
         for slot in &mut self.slots {
@@ -142,6 +145,8 @@ impl Chain {
         self
     }
 
+    /// Calls into a stage take at most `records` records (the pipeline's
+    /// `batch_size`), however many the stage before it made.
     pub fn with_max_call_records(mut self, records: usize) -> Self {
         self.max_call_records = records.max(1);
         self
@@ -223,11 +228,13 @@ impl Slot {
         dead_letters: &mut Vec<DeadLetter>,
     ) -> Encoded {
         let max_call_bytes = (self.stage.limits().memory_bytes / 8).max(1);
+        let batch_bytes = batch.buf.len();
         let mut parts = batch.split(max_call_bytes, max_records).into_iter();
         let Some(first) = parts.next() else {
             return Encoded::with_capacity(0, 0);
         };
         self.batch_out = (0, 0);
+        self.batch_in_bytes = batch_bytes;
         let mut next = self.process_call(first, dead_letters);
         for part in parts {
             self.batch_out = (next.len(), next.buf.len());
@@ -266,11 +273,8 @@ impl Slot {
             }
         };
         if let Some(first) = first_failure {
-            // An output limit leaves the instance, and its state, in place.
             let replaced = self.stats.failed_calls - failed_before;
-            if replaced > 0 {
-                dead_letters.push(self.state_lost(&first, replaced));
-            }
+            dead_letters.push(self.state_lost(&first, replaced));
         }
         next.seal();
         next
@@ -335,23 +339,41 @@ impl Slot {
             .instance()
             .and_then(|i| i.process_encoded(&batch.buf, limit));
         let (kept, kept_dead) = (next.len(), dead_letters.len());
-        let (mut emitted, mut rejected) = (0u64, 0u64);
-        // Outputs past the batch's limit are not kept, not even for a moment.
+        let mut rejected = 0u64;
+        // The batch's output limit: an input whose outputs would pass it is
+        // dead-lettered and its outputs are not kept, not even for a moment;
+        // later inputs whose outputs fit in what is left go on. The call
+        // itself stands, so no record runs twice on the stage's state.
         let room_records = self
             .max_batch_outputs
             .saturating_sub(self.batch_out.0 + kept);
-        let max_bytes = MAX_BATCH_OUTPUT_CAPS * self.stage.limits().memory_bytes;
+        let max_bytes =
+            MAX_BATCH_OUTPUT_CAPS * self.stage.limits().memory_bytes + self.batch_in_bytes;
         let room_bytes = max_bytes.saturating_sub(self.batch_out.1 + next.buf.len());
-        let (mut out_bytes, mut over) = (0, false);
+        // Outputs kept so far in this call, and as they were when the input
+        // whose outputs are being read began.
+        let (mut out_records, mut out_bytes) = (0usize, 0usize);
+        let mut current = (usize::MAX, 0usize, 0usize);
+        let mut over_limit: Vec<usize> = Vec::new();
         let result = answer.and_then(|answer| {
             let name = self.stage.name();
             let read = read_outcomes(&answer, |i, part| match part {
                 Part::Emit(_) => {}
                 Part::Output(bytes) => {
-                    emitted += 1;
-                    out_bytes += bytes.len();
-                    over |= emitted as usize > room_records || out_bytes > room_bytes;
-                    if !over {
+                    if current.0 != i {
+                        current = (i, out_records, out_bytes);
+                    }
+                    if over_limit.last() == Some(&i) {
+                        return;
+                    }
+                    if out_records + 1 > room_records || out_bytes + bytes.len() > room_bytes {
+                        // This input's outputs so far go too.
+                        (out_records, out_bytes) = (current.1, current.2);
+                        next.truncate(kept + out_records);
+                        over_limit.push(i);
+                    } else {
+                        out_records += 1;
+                        out_bytes += bytes.len();
                         next.push_raw(bytes, batch.origins.get(i).copied().flatten());
                     }
                 }
@@ -360,7 +382,7 @@ impl Slot {
                     if let Some(origin) = batch.origins.get(i) {
                         dead_letters.push(dead_letter(
                             name,
-                            reason.to_string(),
+                            bounded_reason(reason.to_string()),
                             batch.record(i),
                             *origin,
                         ));
@@ -368,13 +390,6 @@ impl Slot {
                 }
             });
             match read {
-                Ok(_) if over => Err(CallError::OutputLimit(format!(
-                    "its outputs for this batch would pass {} records (max_batch_outputs) or \
-                     {} MiB ({MAX_BATCH_OUTPUT_CAPS} times its memory_mb), the most runnel \
-                     holds for one batch at one stage",
-                    self.max_batch_outputs,
-                    max_bytes >> 20
-                ))),
                 Ok(n) if n == batch.len() => Ok(()),
                 Ok(n) => Err(CallError::Contract(format!(
                     "returned {n} outcomes for {} records",
@@ -384,17 +399,36 @@ impl Slot {
             }
         });
         if result.is_ok() {
-            self.stats.records_out += emitted;
+            self.stats.records_out += (next.len() - kept) as u64;
             self.stats.rejected += rejected;
+            if !over_limit.is_empty() {
+                let reason = format!(
+                    "its outputs for this batch would pass {} records (max_batch_outputs) or \
+                     {} MiB (4 times its memory_mb, plus the batch), the most runnel holds for \
+                     one batch at one stage; its outputs were not kept",
+                    self.max_batch_outputs,
+                    max_bytes >> 20
+                );
+                tracing::warn!(
+                    stage = self.stage.name(),
+                    inputs = over_limit.len(),
+                    "outputs over the batch's limit: {reason}"
+                );
+                for &i in &over_limit {
+                    dead_letters.push(self.dead_letter(
+                        reason.clone(),
+                        batch.record(i),
+                        batch.origins[i],
+                    ));
+                }
+            }
         } else {
             // Nothing of a failed call goes on: the records are retried or dead-lettered whole.
             next.truncate(kept);
             dead_letters.truncate(kept_dead);
         }
         self.stats.busy += started.elapsed();
-        if let Err(CallError::OutputLimit(reason)) = &result {
-            tracing::warn!(stage = self.stage.name(), "call refused: {reason}");
-        } else if let Err(err) = &result {
+        if let Err(err) = &result {
             if matches!(err, CallError::Timeout(_)) && batch.len() > 1 {
                 // A deadline is per call: a slow stage, rather than a stuck
                 // one, meets it only on full batches, as after a backlog.
@@ -573,7 +607,7 @@ pub(crate) fn bounded_reason(mut reason: String) -> String {
 fn dead_letter(stage: &str, reason: String, record: Record, input: Option<usize>) -> DeadLetter {
     DeadLetter {
         stage: stage.to_string(),
-        reason: bounded_reason(reason),
+        reason,
         record,
         input,
         fault: false,

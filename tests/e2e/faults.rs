@@ -355,6 +355,70 @@ fn a_fan_out_past_the_batch_limit_is_dead_lettered() {
         .contains("3 in: 2 produced output, 0 filtered, 1 dead-lettered"));
 }
 
+/// The same limit on a stage with state: the inputs over it are
+/// dead-lettered once, and none runs twice on the stage's windows (which
+/// would make it late).
+#[test]
+fn the_batch_limit_runs_no_record_twice_on_a_stateful_stage() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pipeline = format!(
+        r#"
+[pipeline]
+max_batch_outputs = 12
+[source]
+type = "file"
+path = "in.jsonl"
+format = "record"
+[[stage]]
+name = "window"
+wasm = {:?}
+[stage.config]
+size_ms = 1000
+pass_through = true
+[sink]
+type = "file"
+path = "out.jsonl"
+[dead_letter]
+type = "file"
+path = "dead.jsonl"
+"#,
+        stage("window").display().to_string()
+    );
+    std::fs::write(dir.path().join("p.toml"), pipeline).expect("pipeline");
+    // Each reading after the first closes the window before it: its
+    // aggregate and itself, 2 outputs; 1 + 9 x 2 = 19 in all, over 12.
+    let lines: String = (0..10)
+        .map(|k| {
+            format!(
+                "{{\"payload\":{{\"device\":\"d1\",\"ts\":{},\"metrics\":{{\"t\":{k}}}}},\
+                 \"key\":\"d1\",\"headers\":{{\"kind\":\"reading\"}}}}\n",
+                k * 1000
+            )
+        })
+        .collect();
+    std::fs::write(dir.path().join("in.jsonl"), lines).expect("input");
+    let run = run_binary(Path::new(BIN), dir.path(), &["run", "p.toml"], b"");
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let dead = read_json_lines(&dir.path().join("dead.jsonl"));
+    let reasons: Vec<&str> = dead
+        .iter()
+        .map(|d| d["reason"].as_str().unwrap_or(""))
+        .collect();
+    assert!(reasons.iter().all(|r| !r.contains("late")), "{reasons:?}");
+    assert_eq!(reasons.len(), 4, "{reasons:?}");
+    assert!(reasons.iter().all(|r| r.contains("max_batch_outputs")));
+    // Readings 0 to 5 and the aggregates of windows 0 to 4 went out, then
+    // the end of the input closed the last window (9).
+    let out = read_json_lines(&dir.path().join("out.jsonl"));
+    assert_eq!(out.len(), 12, "{out:?}");
+    assert!(
+        run.summary()
+            .starts_with("runnel: 10 in: 6 produced output, 0 filtered, 4 dead-lettered"),
+        "{}",
+        run.summary()
+    );
+}
+
 #[test]
 fn stages_cannot_open_sockets_or_see_the_environment() {
     let dir = tempfile::tempdir().expect("temp dir");

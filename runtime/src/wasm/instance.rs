@@ -69,10 +69,6 @@ pub enum CallError {
     InitRejected(String),
     #[error("stage broke the contract: {0}")]
     Contract(String),
-    /// The call's outputs would take the batch past what the host holds
-    /// for one batch at one stage; the instance is sound and stays.
-    #[error("{0}")]
-    OutputLimit(String),
 }
 
 impl CallError {
@@ -86,7 +82,6 @@ impl CallError {
             CallError::Trap(_) => "trap",
             CallError::InitRejected(_) => "failed init",
             CallError::Contract(_) => "broken contract",
-            CallError::OutputLimit(_) => "output limit",
         }
     }
 }
