@@ -49,7 +49,7 @@ impl CompileCache {
         if !path.exists() {
             return Ok(None);
         }
-        if let Err(reason) = trusted(&path, WRITABLE_BY_OTHERS) {
+        if let Err(reason) = trusted(&path, WRITABLE_BY_GROUP_OR_OTHERS) {
             tracing::warn!(path = %path.display(), "compiling the stage again: {reason}");
             return Ok(None);
         }
@@ -106,10 +106,13 @@ pub enum CacheOutcome {
     Compiled,
 }
 
-/// Write permission for every user. A folder or file only its group can
-/// write to is trusted: under the common umask 002 that group is the
-/// user's own.
+/// Write permission for every user. A folder only its group can write to
+/// is trusted: under the common umask 002 that group is the user's own, and
+/// runnel makes its folders 0700.
 const WRITABLE_BY_OTHERS: u32 = 0o002;
+/// An entry is loaded as native code, and runnel writes its entries 0644:
+/// one its group could change in place is compiled and written again.
+const WRITABLE_BY_GROUP_OR_OTHERS: u32 = 0o022;
 
 /// Whether a cache folder or file (when it exists) is one only this user,
 /// or root, can change. Anyone who can put a file in the cache can have
@@ -149,12 +152,19 @@ fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         create_private_dir(dir)?;
     }
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    // Readable by all, as a Lambda package's files must be for the user the
-    // function runs as, and writable by this user alone, whatever the umask.
-    #[cfg(unix)]
-    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
-    std::fs::rename(&tmp, path)
+    let written = (|| {
+        std::fs::write(&tmp, bytes)?;
+        // Readable by all, as a Lambda package's files must be for the user
+        // the function runs as, and writable by this user alone, whatever
+        // the umask.
+        #[cfg(unix)]
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// The cache's folder, readable and writable by this user alone when runnel
@@ -212,9 +222,13 @@ mod tests {
         assert_eq!(mode & 0o777, 0o644, "whatever the umask");
         set_mode(&entry, 0o666);
         assert!(find().is_none(), "an entry others could have replaced");
-        // Its group alone (the user's own, under umask 002) may write.
         set_mode(&entry, 0o664);
-        assert!(find().is_some(), "an entry its group can write");
+        assert!(find().is_none(), "an entry its group could have replaced");
+        set_mode(&entry, 0o644);
+        assert!(find().is_some(), "its own entry again");
+        // A folder its group alone can write to (umask 002) is used.
+        set_mode(&dir, 0o770);
+        assert!(CompileCache::open(dir.clone(), &engine).is_some());
         if unsafe { libc::geteuid() } == 0 {
             std::os::unix::fs::chown(&entry, Some(65534), None).expect("chown");
             assert!(find().is_none(), "an entry of another user");
