@@ -843,7 +843,18 @@ impl Runner {
                 tracing::warn!(stage = %dead.stage, reason = %dead.reason, "dead letter");
             }
         }
-        let refused = self.dead_sink.send(&entries).await?;
+        let refused = match self.dead_sink.send(&entries).await {
+            Ok(refused) => refused,
+            Err(err) => {
+                // Not written and not logged yet: the log is their last place.
+                if !self.log_dead_letters {
+                    for dead in dead_letters {
+                        tracing::warn!(stage = %dead.stage, reason = %dead.reason, "dead letter");
+                    }
+                }
+                return Err(err.into());
+            }
+        };
         if refused.is_empty() {
             self.summary.dead_letters += entries.len() as u64;
             return Ok(());

@@ -834,12 +834,17 @@ fn a_file_sink_that_fails_half_way_keeps_whole_lines_and_true_figures() {
         .map(|i| format!("reading {i:05} {}\n", "x".repeat(24)))
         .collect();
     std::fs::write(dir.path().join("in.txt"), input).expect("input");
+    // The stage compiled and cached first: under the limit a compile
+    // could not write its cache entry.
+    let check = run_binary(Path::new(BIN), dir.path(), &["check", "p.toml"], b"");
+    assert_eq!(check.status, Some(0), "{}", check.stderr);
     // With SIGXFSZ ignored, a write past the limit fails with EFBIG.
     let script = format!("trap '' XFSZ; ulimit -f 32; exec {BIN:?} run p.toml < in.txt");
     let run = std::process::Command::new("bash")
         .args(["-c", &script])
         .current_dir(dir.path())
         .env("RUST_LOG", "info")
+        .env("RUNNEL_CACHE_DIR", runnel_tests::shared_cache_dir())
         .output()
         .expect("bash");
     let stderr = String::from_utf8_lossy(&run.stderr);

@@ -118,6 +118,16 @@ impl Lines {
     }
 
     fn emit_partial(&mut self) {
+        if self.cut > 0 {
+            // A line cut at MAX_LINE may end inside a character: that part
+            // counts as cut rather than showing as a replacement character.
+            if let Err(err) = std::str::from_utf8(&self.partial) {
+                if err.error_len().is_none() {
+                    self.cut += self.partial.len() - err.valid_up_to();
+                    self.partial.truncate(err.valid_up_to());
+                }
+            }
+        }
         let mut line = String::from_utf8_lossy(&self.partial).into_owned();
         self.partial.clear();
         if self.cut > 0 {
