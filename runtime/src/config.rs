@@ -394,6 +394,17 @@ impl Pipeline {
                 }
             }
         }
+        for (name, connection) in &self.file.mqtt {
+            if let Some(spool) = connection.spool.as_ref() {
+                if !spool.path.starts_with("/tmp") {
+                    warnings.push(format!(
+                        "{file}: [mqtt.{name}.spool] path is {}, but on AWS Lambda only /tmp \
+                         can be written: there the function would fail to start",
+                        spool.path.display()
+                    ));
+                }
+            }
+        }
         warnings
     }
 
@@ -897,6 +908,38 @@ mod tests {
         let elsewhere =
             Pipeline::parse(Path::new("p.toml"), text("topic = \"out/{key}\"\n")).expect("valid");
         assert_eq!(elsewhere.warnings(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn files_a_lambda_function_cannot_write_are_warned_of() {
+        let text = |spool: &str, dead: &str| {
+            format!(
+                "[mqtt.up]\nbroker = \"mqtt://127.0.0.1:1883\"\n\
+                 [mqtt.up.spool]\npath = \"{spool}\"\nwhen_full = \"refuse-new\"\n\
+                 [source]\ntype = \"lambda\"\n\
+                 [sink]\ntype = \"mqtt\"\ntopic = \"out/x\"\n\
+                 [dead_letter]\ntype = \"file\"\npath = \"{dead}\"\n"
+            )
+        };
+        let parse = |spool, dead| {
+            Pipeline::parse(Path::new("p.toml"), text(spool, dead))
+                .expect("valid")
+                .warnings()
+        };
+        let warnings = parse("spool", "dead.jsonl");
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].contains("[dead_letter] writes to dead.jsonl"),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings[1].contains("[mqtt.up.spool] path is spool"),
+            "{warnings:?}"
+        );
+        assert!(warnings
+            .iter()
+            .all(|w| w.contains("only /tmp can be written")));
+        assert_eq!(parse("/tmp/spool", "/tmp/dead.jsonl"), Vec::<String>::new());
     }
 
     #[test]
