@@ -590,17 +590,11 @@ fn kinds_said(kinds: &[&'static str]) -> String {
 const MAX_REASON: usize = 4096;
 
 /// `reason`, cut to [`MAX_REASON`] bytes with how much was left out.
-pub(crate) fn bounded_reason(mut reason: String) -> String {
-    if reason.len() > MAX_REASON {
-        let mut cut = MAX_REASON;
-        while !reason.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let more = reason.len() - cut;
-        reason.truncate(cut);
-        reason.push_str(&format!("… ({more} bytes more)"));
+pub(crate) fn bounded_reason(reason: String) -> String {
+    match crate::cut_text(&reason, MAX_REASON) {
+        std::borrow::Cow::Borrowed(_) => reason,
+        cut => cut.into_owned(),
     }
-    reason
 }
 
 /// A dead letter for a record a stage refused.

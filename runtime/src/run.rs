@@ -163,19 +163,8 @@ fn default_cache_dir() -> PathBuf {
         Some(home) => PathBuf::from(home).join(".cache").join("runnel"),
         // One folder per user: a shared one would let any user put code
         // there for another's runnel to run.
-        None => std::env::temp_dir().join(format!("runnel-cache-{}", user_id())),
+        None => std::env::temp_dir().join(format!("runnel-cache-{}", crate::user_id())),
     }
-}
-
-#[cfg(unix)]
-fn user_id() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
-
-#[cfg(not(unix))]
-fn user_id() -> u32 {
-    0
 }
 
 /// Compiles (or loads from the cache) and links every stage. Errors point

@@ -170,19 +170,6 @@ pub fn refused_text(what: &str, text: &str) -> Option<String> {
     })
 }
 
-/// The longest start of `text` of at most `max` bytes that ends on a
-/// character boundary.
-fn cut_at_char(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
-
 /// `alerts/{key}` or `gw-7/{topic}`: the topic an output is published to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicTemplate {
@@ -253,10 +240,10 @@ impl TopicTemplate {
                 return Err(format!(
                     "the topic would be {} bytes, over MQTT's limit of {MAX_TOPIC_BYTES}: `{}…`",
                     topic.len(),
-                    cut_at_char(&topic, 60)
+                    crate::cut_at_char(&topic, 60)
                 ));
             }
-            let cut = cut_at_char(&topic, MAX_TOPIC_BYTES).len();
+            let cut = crate::cut_at_char(&topic, MAX_TOPIC_BYTES).len();
             topic.truncate(cut);
         }
         Ok(topic)

@@ -125,8 +125,7 @@ fn trusted(path: &Path, writable_mask: u32) -> Result<(), String> {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(err) => return Err(format!("cannot read its permissions: {err}")),
     };
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
+    let me = crate::user_id();
     if meta.uid() != me && meta.uid() != 0 {
         return Err(format!(
             "it belongs to user id {}, not to this user ({me})",
@@ -229,7 +228,7 @@ mod tests {
         // A folder its group alone can write to (umask 002) is used.
         set_mode(&dir, 0o770);
         assert!(CompileCache::open(dir.clone(), &engine).is_some());
-        if unsafe { libc::geteuid() } == 0 {
+        if crate::user_id() == 0 {
             std::os::unix::fs::chown(&entry, Some(65534), None).expect("chown");
             assert!(find().is_none(), "an entry of another user");
         }

@@ -122,14 +122,7 @@ impl Host for HostState {
         if !first_panic && !self.logs.take() {
             return;
         }
-        let mut shown = std::borrow::Cow::Borrowed(message.as_str());
-        if shown.len() > MAX_LOG_MESSAGE {
-            let mut cut = MAX_LOG_MESSAGE;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            shown = format!("{}… ({} bytes more)", &message[..cut], message.len() - cut).into();
-        }
+        let mut shown = crate::cut_text(&message, MAX_LOG_MESSAGE);
         // One call, one log line: a line break in the message would let a
         // stage write lines that read as the host's own.
         if shown.contains(['\n', '\r']) {
