@@ -95,7 +95,10 @@ fn entry_record(
     };
     let payload = serde_json::to_vec(&entry).unwrap_or_else(|_| b"{}".to_vec());
     let mut record = Record::new(payload);
+    // Key and topic as the record's, for an MQTT dead-letter topic's
+    // `{key}` and `{topic}`.
     record.key = dead.record.key.clone();
+    record.topic = dead.record.topic.clone();
     record.timestamp = Some(now_ms);
     record
         .headers
@@ -124,6 +127,12 @@ mod tests {
         assert_eq!(json["record"]["payload"]["t"], 900);
         assert_eq!(json["at"], 7);
         assert!(json.get("payload_omitted").is_none());
+        let mut from_topic = dead.clone();
+        from_topic.record.topic = Some("sensors/dev-3/telemetry".into());
+        from_topic.record.key = Some("dev-3".into());
+        let entry = to_record("sensors", &from_topic, 7);
+        assert_eq!(entry.topic.as_deref(), Some("sensors/dev-3/telemetry"));
+        assert_eq!(entry.key.as_deref(), Some("dev-3"));
 
         let mut request = dead.clone();
         request.record.headers = vec![
