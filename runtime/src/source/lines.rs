@@ -31,6 +31,9 @@ pub struct LinesSource {
     /// The line in `buf` was cut at `MAX_LINE`.
     truncated: bool,
     done: bool,
+    /// A regular file, which a later run reads again from its start; what
+    /// a pipe gave cannot be read again.
+    rereadable: bool,
 }
 
 impl LinesSource {
@@ -41,12 +44,15 @@ impl LinesSource {
                 what: format!("cannot open source file {}", path.display()),
                 source,
             })?;
-        Ok(Self::new(
+        let rereadable = file.metadata().await.is_ok_and(|m| m.is_file());
+        let mut source = Self::new(
             Box::new(BufReader::with_capacity(1 << 16, file)),
             path.display().to_string(),
             format,
             Clock::Event,
-        ))
+        );
+        source.rereadable = rereadable;
+        Ok(source)
     }
 
     pub fn stdin(format: LineFormat) -> Self {
@@ -75,6 +81,7 @@ impl LinesSource {
             buf: Vec::new(),
             truncated: false,
             done: false,
+            rereadable: false,
         }
     }
 
@@ -184,8 +191,9 @@ impl Source for LinesSource {
     fn stop(&mut self) {
         self.done = true;
         // Bytes of a line whose end had not come: read from a pipe, they
-        // could not be read again, so they go to the dead letter.
-        if !self.buf.is_empty() {
+        // could not be read again, so they go to the dead letter. Of a
+        // regular file, the line is whole on disk and not yet an input.
+        if !self.buf.is_empty() && !self.rereadable {
             self.take_line_or(Some("the run stopped before this line ended"));
         }
     }
