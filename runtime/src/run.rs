@@ -827,19 +827,20 @@ impl Runner {
             .iter()
             .map(|dead| crate::deadletter::to_record(&self.name, dead, now))
             .collect();
-        if self.log_dead_letters {
+        let log = || {
             for dead in dead_letters {
                 tracing::warn!(stage = %dead.stage, reason = %dead.reason, "dead letter");
             }
+        };
+        if self.log_dead_letters {
+            log();
         }
         let refused = match self.dead_sink.send(&entries).await {
             Ok(refused) => refused,
             Err(err) => {
                 // Not written and not logged yet: the log is their last place.
                 if !self.log_dead_letters {
-                    for dead in dead_letters {
-                        tracing::warn!(stage = %dead.stage, reason = %dead.reason, "dead letter");
-                    }
+                    log();
                 }
                 return Err(err.into());
             }
