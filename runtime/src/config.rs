@@ -451,8 +451,10 @@ impl Pipeline {
     }
 
     /// An error a stage gave while starting, at the place it is about: the
-    /// key of its `[stage.config]` that an "unknown field" names when that
-    /// key is found under the stage, else the stage's name.
+    /// key of its `[stage.config]` that the error names (an unknown field,
+    /// or the path of a wrong value) when that key is found under the stage,
+    /// the `[stage.config]` header for a missing field, else the stage's
+    /// name.
     pub fn stage_error(&self, name: &str, message: String) -> ConfigError {
         let stages = &self.file.stages;
         let Some(index) = stages
