@@ -21,6 +21,7 @@ pub mod codec;
 pub mod config;
 pub mod deadletter;
 pub mod lambda;
+pub mod logline;
 pub mod metrics;
 pub mod mqtt;
 mod record;

@@ -11,22 +11,25 @@ use runnel::run::{engine_for, start_chain};
 use runnel::source::SourceConfig;
 use runnel::{error_text, RunOptions};
 
-/// A line to stderr. `eprintln!` panics when stderr is gone (a pipe whose
-/// reader quit, as in `runnel run p.toml 2>&1 | head`); the line is lost
-/// then, but the run and its exit code are not.
 /// Whether the log is JSON lines (`--log-format json`, or under Lambda):
 /// then what runnel says on stderr is a JSON line too, at its level.
 static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// The log target of what [`say!`] says: RUST_LOG does not filter it out,
+/// as the plain lines of a text log are not filtered either.
+const REPORT_TARGET: &str = "runnel::report";
+
 /// Says something on stderr: a plain line, or in a JSON log a log line of
-/// that level. A closed stderr is no reason to fail.
+/// that level. `eprintln!` panics when stderr is gone (a pipe whose reader
+/// quit, as in `runnel run p.toml 2>&1 | head`); here the line is lost then,
+/// but the run and its exit code are not.
 macro_rules! say {
     ($level:ident, $($arg:tt)*) => {{
         let text = format!($($arg)*);
         if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
             let text = text.strip_prefix("runnel: ").unwrap_or(&text);
             let text = text.strip_prefix("warning: ").unwrap_or(text);
-            tracing::$level!(target: "runnel", "{text}");
+            tracing::$level!(target: REPORT_TARGET, "{text}");
         } else {
             let _ = writeln!(std::io::stderr(), "{text}");
         }
@@ -194,16 +197,25 @@ fn init_tracing(format: LogFormat) {
     // Without a hint the combined filter would let every crate's trace
     // logging be built, only to be thrown away.
     .with_max_level_hint(tracing_subscriber::filter::LevelFilter::WARN);
-    let filter = filter.or(dropped_by_broker);
+    let report = filter_fn(|meta| meta.target() == REPORT_TARGET)
+        .with_max_level_hint(tracing_subscriber::filter::LevelFilter::INFO);
+    let filter = filter.or(dropped_by_broker).or(report);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let layer = tracing_subscriber::fmt::layer()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         // Reporting a failed write would go to the same stderr, with a
         // panic when it is gone; the log line is lost, the run goes on.
         .log_internal_errors(false);
     let layer = match format {
-        LogFormat::Text => layer.with_filter(filter).boxed(),
-        LogFormat::Json => layer.json().with_filter(filter).boxed(),
+        LogFormat::Text => layer
+            .with_writer(runnel::logline::OneLinePerEvent { ansi })
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => layer
+            .json()
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
     };
     tracing_subscriber::registry().with(layer).init();
 }

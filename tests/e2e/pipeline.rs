@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use runnel_tests::{read_json_lines, repo_dir, run_binary, stage, stages_dir, summary_numbers};
+use runnel_tests::{
+    read_json_lines, repo_dir, run_binary, run_binary_with, stage, stages_dir, summary_numbers,
+};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_runnel");
@@ -181,6 +183,57 @@ type = "stdout"
         logged
             .iter()
             .any(|l| l["fields"]["message"] == "500 in: 500 produced output, 0 filtered, 0 dead-lettered; 500 out (0 from timers); 0 dead-letter entries"),
+        "{}",
+        run.stderr
+    );
+
+    // RUST_LOG filters the log, not runnel's own report: as in a text log,
+    // the summary is there whatever it says.
+    let run = run_binary_with(
+        Path::new(BIN),
+        dir.path(),
+        &["--log-format", "json", "run", "p.toml"],
+        input.as_bytes(),
+        &[("RUST_LOG", "off")],
+    );
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains(r#""message":"500 in: 500 produced output"#),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn what_a_record_says_cannot_start_a_line_of_the_text_log() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pipeline = format!(
+        "[source]\ntype = \"stdin\"\n[[stage]]\nname = \"parse\"\nwasm = {:?}\n[sink]\ntype = \"stdout\"\n",
+        stage("parse")
+    );
+    std::fs::write(dir.path().join("p.toml"), pipeline).expect("write");
+    // parse's reason names the device; this one holds a whole forged line.
+    let forged = "2026-01-01T00:00:00.000000Z  INFO runnel::run: all good";
+    let input = format!("{{\"device\":\"evil\\n{forged}\\r\\u001b[2K\",\"temperature\":1}}\n");
+    let run = run_binary(
+        Path::new(BIN),
+        dir.path(),
+        &["run", "p.toml"],
+        input.as_bytes(),
+    );
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let dead_letter = run
+        .stderr
+        .lines()
+        .find(|line| line.contains("dead letter"))
+        .unwrap_or_else(|| panic!("no dead letter logged:\n{}", run.stderr));
+    assert!(
+        dead_letter.contains(&format!("evil\\n{forged}\\r\\x1b[2K")),
+        "{dead_letter}"
+    );
+    assert!(
+        !run.stderr.lines().any(|line| line.starts_with(forged)),
         "{}",
         run.stderr
     );
