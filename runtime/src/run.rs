@@ -398,7 +398,43 @@ impl Runner {
     }
 
     /// Logs each stage's totals, closes the sinks and the connections.
+    /// Adds to the figures the outputs of a delivery the sink accepted.
+    fn count_accepted(
+        &mut self,
+        accepted: &Result<Vec<crate::sink::Rejected>, crate::sink::SinkError>,
+        sent: usize,
+        from_timer: bool,
+    ) {
+        let taken = match accepted {
+            Ok(rejected) => sent - rejected.len(),
+            Err(err) => err.accepted_before(),
+        } as u64;
+        self.summary.outputs += taken;
+        if from_timer {
+            self.summary.timer_outputs += taken;
+        }
+    }
+
+    /// Counts what the sink accepted of the deliveries an error left under
+    /// way: their inputs are not finished, but a file or a broker may hold
+    /// their outputs, and "out" says what the sink took. A sending that does
+    /// not end soon is not waited for; its outputs are not counted.
+    async fn count_abandoned_deliveries(&mut self) {
+        const WAIT: Duration = Duration::from_secs(1);
+        while let Some(delivery) = self.in_flight.pop_front() {
+            let accepted = match (delivery.accepted, delivery.sending) {
+                (Some(accepted), _) => Some(accepted),
+                (None, Some(sending)) => tokio::time::timeout(WAIT, sending).await.ok(),
+                (None, None) => None,
+            };
+            if let Some(accepted) = accepted {
+                self.count_accepted(&accepted, delivery.records.len(), delivery.from_timer);
+            }
+        }
+    }
+
     pub(crate) async fn close(&mut self) -> anyhow::Result<()> {
+        self.count_abandoned_deliveries().await;
         if let Some(chain) = &self.chain {
             for (stage, stats) in chain.stats() {
                 tracing::info!(
@@ -765,19 +801,9 @@ impl Runner {
             (None, None) => None,
         };
         if let Some(accepted) = accepted {
-            let rejected = accepted.inspect_err(|err| {
-                // The run stops; its figures still count what got through.
-                let taken = err.accepted_before() as u64;
-                self.summary.outputs += taken;
-                if from_timer {
-                    self.summary.timer_outputs += taken;
-                }
-            })?;
-            let accepted = (records.len() - rejected.len()) as u64;
-            self.summary.outputs += accepted;
-            if from_timer {
-                self.summary.timer_outputs += accepted;
-            }
+            // On an error the run stops; its figures still count what got through.
+            self.count_accepted(&accepted, records.len(), from_timer);
+            let rejected = accepted?;
             // From the last, so each index still points at its record; the
             // dead letters are then put back in the outputs' order.
             let mut refused_letters = Vec::with_capacity(rejected.len());

@@ -887,21 +887,7 @@ fn a_file_sink_that_fails_half_way_keeps_whole_lines_and_true_figures() {
         .map(|i| format!("reading {i:05} {}\n", "x".repeat(24)))
         .collect();
     std::fs::write(dir.path().join("in.txt"), input).expect("input");
-    // The stage compiled and cached first: under the limit a compile
-    // could not write its cache entry.
-    let check = run_binary(Path::new(BIN), dir.path(), &["check", "p.toml"], b"");
-    assert_eq!(check.status, Some(0), "{}", check.stderr);
-    // With SIGXFSZ ignored, a write past the limit fails with EFBIG.
-    let script = format!("trap '' XFSZ; ulimit -f 32; exec {BIN:?} run p.toml < in.txt");
-    let run = std::process::Command::new("bash")
-        .args(["-c", &script])
-        .current_dir(dir.path())
-        .env("RUST_LOG", "info")
-        .env("RUNNEL_CACHE_DIR", runnel_tests::shared_cache_dir())
-        .output()
-        .expect("bash");
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    let summary = run_into_file_size_limit(dir.path());
     let written = std::fs::read_to_string(dir.path().join("out.txt")).expect("out.txt");
     assert!(written.ends_with('\n'), "a torn last line");
     let lines: Vec<&str> = written.lines().collect();
@@ -913,19 +899,77 @@ fn a_file_sink_that_fails_half_way_keeps_whole_lines_and_true_figures() {
             "no gap, no tear"
         );
     }
-    let summary = stderr
-        .lines()
-        .find_map(|l| l.split_once("stopped by an error after: "))
-        .map(|(_, figures)| figures)
-        .unwrap_or_else(|| panic!("no figures: {stderr}"));
-    assert!(summary.contains("not finished"), "{summary}");
-    let n = runnel_tests::summary_numbers(summary);
+    let n = runnel_tests::summary_numbers(&summary);
     assert_eq!(
         n[5] as usize,
         lines.len(),
         "out is what the file holds: {summary}"
     );
     assert_eq!(n[1] as usize, lines.len(), "{summary}");
+}
+
+/// A dead-letter file whose write fails stops the run; the outputs of the
+/// batches under way at that moment are in the sink file, and "out" counts
+/// them: it says what the sink took, finished inputs or not.
+#[test]
+fn a_dead_letter_that_fails_leaves_out_counting_what_the_sink_holds() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pipeline = format!(
+        "[pipeline]\nbatch_size = 16\n[source]\ntype = \"stdin\"\n\
+         [[stage]]\nname = \"faults\"\nwasm = {:?}\n\
+         [sink]\ntype = \"file\"\npath = \"out.txt\"\nformat = \"payload\"\n\
+         [dead_letter]\ntype = \"file\"\npath = \"dead.jsonl\"\n",
+        stage("faults").display().to_string()
+    );
+    std::fs::write(dir.path().join("p.toml"), pipeline).expect("pipeline");
+    // Half the lines rejected: a dead letter is many times an output's
+    // size, so the dead-letter file meets the size limit first.
+    let input: String = (0..3000)
+        .map(|i| {
+            if i % 2 == 0 {
+                format!("ok {i}\n")
+            } else {
+                "reject\n".into()
+            }
+        })
+        .collect();
+    std::fs::write(dir.path().join("in.txt"), input).expect("input");
+    let summary = run_into_file_size_limit(dir.path());
+    let written = std::fs::read_to_string(dir.path().join("out.txt")).expect("out.txt");
+    let n = runnel_tests::summary_numbers(&summary);
+    assert_eq!(n[5] as usize, written.lines().count(), "{summary}");
+    assert!(
+        n[5] > n[1],
+        "outputs of unfinished inputs went out: {summary}"
+    );
+}
+
+/// Runs the pipeline `p.toml` in `dir` on `in.txt` with files limited to
+/// 32 KiB, as a full disk would stop them; it must stop with exit code 1.
+/// Returns the figures it gives as it stops.
+fn run_into_file_size_limit(dir: &Path) -> String {
+    // The stage compiled and cached first: under the limit a compile
+    // could not write its cache entry.
+    let check = run_binary(Path::new(BIN), dir, &["check", "p.toml"], b"");
+    assert_eq!(check.status, Some(0), "{}", check.stderr);
+    // With SIGXFSZ ignored, a write past the limit fails with EFBIG.
+    let script = format!("trap '' XFSZ; ulimit -f 32; exec {BIN:?} run p.toml < in.txt");
+    let run = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .current_dir(dir)
+        .env("RUST_LOG", "info")
+        .env("RUNNEL_CACHE_DIR", runnel_tests::shared_cache_dir())
+        .output()
+        .expect("bash");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    let summary = stderr
+        .lines()
+        .find_map(|l| l.split_once("stopped by an error after: "))
+        .map(|(_, figures)| figures.to_string())
+        .unwrap_or_else(|| panic!("no figures: {stderr}"));
+    assert!(summary.contains("not finished"), "{summary}");
+    summary
 }
 
 /// Dead letters on standard output (the default under Lambda, where stdout
