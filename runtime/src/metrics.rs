@@ -217,8 +217,10 @@ fn escape(value: &str) -> String {
 
 /// Binds `address` now, so a taken port is an error at start, and serves
 /// the endpoint in the background until the process ends.
-pub async fn serve(address: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(address).await?;
+pub fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<SocketAddr> {
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
         loop {

@@ -213,23 +213,33 @@ pub async fn run(
     options: &RunOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Summary> {
-    let mut runner = Runner::open(pipeline, options).await?;
-    if let Some(config) = &pipeline.file.metrics {
-        let address = config
-            .address()
-            .map_err(|message| anyhow::anyhow!("{}: {message}", pipeline.path.display()))?;
-        let metrics = Arc::new(Metrics::new(
-            &runner.name,
-            runner.connections.with_roles().map(|(r, c)| (r, c.clone())),
-        ));
-        let bound = crate::metrics::serve(address, metrics.clone())
-            .await
-            .with_context(|| {
+    // Bound before the sinks open: a port in use stops the start with no
+    // file created or broker connected.
+    let metrics_listener = match &pipeline.file.metrics {
+        Some(config) => {
+            let address = config
+                .address()
+                .map_err(|message| anyhow::anyhow!("{}: {message}", pipeline.path.display()))?;
+            let cannot_listen = move || {
                 format!(
                     "{}: metrics.listen: cannot listen on {address}",
                     pipeline.path.display()
                 )
-            })?;
+            };
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(cannot_listen)?;
+            Some((listener, cannot_listen))
+        }
+        None => None,
+    };
+    let mut runner = Runner::open(pipeline, options).await?;
+    if let Some((listener, cannot_listen)) = metrics_listener {
+        let metrics = Arc::new(Metrics::new(
+            &runner.name,
+            runner.connections.with_roles().map(|(r, c)| (r, c.clone())),
+        ));
+        let bound = crate::metrics::serve(listener, metrics.clone()).with_context(cannot_listen)?;
         tracing::info!("metrics on http://{bound}/metrics");
         runner.metrics = Some(metrics);
     }

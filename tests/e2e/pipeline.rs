@@ -245,7 +245,8 @@ fn a_metrics_port_already_taken_stops_the_start_and_says_which() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("address").port();
     let pipeline = format!(
-        "[source]\ntype = \"stdin\"\n[sink]\ntype = \"stdout\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"
+        "[source]\ntype = \"stdin\"\n[sink]\ntype = \"file\"\npath = \"out.jsonl\"\n\
+         [metrics]\nlisten = \"127.0.0.1:{port}\"\n"
     );
     std::fs::write(dir.path().join("p.toml"), pipeline).expect("write");
     let run = run_binary(Path::new(BIN), dir.path(), &["run", "p.toml"], b"{}\n");
@@ -257,7 +258,9 @@ fn a_metrics_port_already_taken_stops_the_start_and_says_which() {
         "{}",
         run.stderr
     );
-    assert!(run.stdout.is_empty(), "no record was read: {}", run.stdout);
+    for file in ["out.jsonl", "dead-letter.jsonl"] {
+        assert!(!dir.path().join(file).exists(), "{file} was not opened");
+    }
 }
 
 /// `runnel check` of the pipeline in `dir` with this cache and `RUNNEL_CPU`
