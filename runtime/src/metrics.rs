@@ -144,7 +144,7 @@ impl Metrics {
             ),
             (
                 "runnel_stage_busy_seconds_total",
-                "Time spent in the stage's calls.",
+                "Time spent in the stage: its calls and timer flushes, and starting instances.",
                 |s| s.busy.as_secs_f64().to_string(),
             ),
         ];

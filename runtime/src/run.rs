@@ -540,12 +540,15 @@ impl Runner {
                     // Inputs already read are processed, not dropped, a batch
                     // at a time as ever; then the final flush below emits
                     // what windows hold.
-                    source.stop();
+                    let left_at = source.stop();
                     while let Some(batch) = source.take_pending(batch_size) {
                         self.handle(source, batch, clock).await?;
                         self.publish_metrics();
                     }
                     tracing::info!("stopping: what was read before the stop is processed");
+                    if let Some(left_at) = left_at {
+                        tracing::warn!("the run stopped before the end of its input: {left_at}");
+                    }
                     break;
                 }
                 reason = self.connections.failed() => {

@@ -581,6 +581,11 @@ fn stop_by_signal_drains_what_was_read(signal: &str) {
         summary.starts_with("runnel: 10 in: 10 produced output"),
         "{signal}: {stderr}"
     );
+    assert!(
+        stderr
+            .contains("the run stopped before the end of its input: stdin was read up to line 10"),
+        "{signal}: {stderr}"
+    );
     assert_eq!(seen[9], "reading 9");
 }
 

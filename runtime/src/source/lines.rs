@@ -188,7 +188,10 @@ impl Source for LinesSource {
         Ok(self.take_pending(max))
     }
 
-    fn stop(&mut self) {
+    fn stop(&mut self) -> Option<String> {
+        if self.done {
+            return None;
+        }
         self.done = true;
         // Bytes of a line whose end had not come: read from a pipe, they
         // could not be read again, so they go to the dead letter. Of a
@@ -196,6 +199,10 @@ impl Source for LinesSource {
         if !self.buf.is_empty() && !self.rereadable {
             self.take_line_or(Some("the run stopped before this line ended"));
         }
+        Some(format!(
+            "{} was read up to line {}, not to its end",
+            self.name, self.line_no
+        ))
     }
 
     /// What was read is at most a batch already.

@@ -174,7 +174,11 @@ pub trait Source: Send {
 
     /// A stop was asked for: nothing more is read, and what was read of an
     /// input not yet whole joins the pending ones, to be accounted for.
-    fn stop(&mut self) {}
+    /// Returns where a finite input was left, when it had not ended, for the
+    /// user to know what the run did not read.
+    fn stop(&mut self) -> Option<String> {
+        None
+    }
 
     /// For logs: what this source reads.
     fn describe(&self) -> String;
