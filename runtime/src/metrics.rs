@@ -294,6 +294,7 @@ mod tests {
             outputs: 9,
             timer_outputs: 2,
             dead_letters: 2,
+            ..Summary::default()
         };
         let stats = StageStats {
             calls: 3,

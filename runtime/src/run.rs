@@ -103,6 +103,8 @@ pub struct Summary {
     pub timer_outputs: u64,
     /// Entries written to the dead letter.
     pub dead_letters: u64,
+    /// Of `outputs`, those a full `drop-oldest` spool dropped afterwards.
+    pub spool_dropped: u64,
 }
 
 impl Summary {
@@ -120,9 +122,13 @@ impl std::fmt::Display for Summary {
             0 => String::new(),
             n => format!(", {n} not finished"),
         };
+        let dropped = match self.spool_dropped {
+            0 => String::new(),
+            n => format!("; {n} sent, then dropped from a full spool"),
+        };
         write!(
             f,
-            "{} in: {} produced output, {} filtered, {} dead-lettered{unfinished}; {} out ({} from timers); {} dead-letter entries",
+            "{} in: {} produced output, {} filtered, {} dead-lettered{unfinished}; {} out ({} from timers); {} dead-letter entries{dropped}",
             self.inputs,
             self.emitted,
             self.filtered,
@@ -266,6 +272,7 @@ pub async fn run(
         .run_loop(source.as_mut(), batch_size, timer, shutdown)
         .await;
     let closed = runner.close().await;
+    runner.summary.spool_dropped = runner.connections.spool_dropped();
     if result.is_err() || closed.is_err() {
         // The error ends the run; what it got through before is worth
         // knowing, as an input read again may lead to outputs sent again.

@@ -934,6 +934,9 @@ fn fill_the_spool(when_full: &str) -> (Vec<u64>, String, Option<f64>) {
     let got = collector.wait_until(DELIVERY, |got| distinct(got).contains(&2499));
     runnel.wait_for_log("spool drained", Duration::from_secs(10));
     let figures = scrape(metrics_port);
+    let spool_file = dir.path().join("spool").join("spool.jsonl");
+    let left = std::fs::metadata(&spool_file).expect("spool file").len();
+    assert_eq!(left, 0, "a drained spool takes no room on the disk");
     let run = runnel.stop();
     drop(broker);
     let mut first_seen = Vec::new();
@@ -981,6 +984,13 @@ fn a_full_drop_oldest_spool_keeps_the_newest_and_counts_the_rest() {
         .sum();
     assert!(logged > 0, "nothing was dropped: {log}");
     assert_eq!(dropped, Some(logged as f64), "{log}");
+    // The run's own figures say so too, not only the log and the metrics.
+    let said = format!("; {logged} sent, then dropped from a full spool");
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("runnel: ") && l.ends_with(&said)),
+        "{log}"
+    );
     assert!(got.len() as u64 <= 2500 - logged, "{log}");
 }
 

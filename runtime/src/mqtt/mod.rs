@@ -419,6 +419,18 @@ impl Connections {
         subscribers.chain(self.publishers.values().map(|c| ("publish", c)))
     }
 
+    /// Messages full `drop-oldest` spools dropped, since the start.
+    pub fn spool_dropped(&self) -> u64 {
+        self.publishers
+            .values()
+            .map(|c| {
+                c.gauges()
+                    .spool_dropped
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .sum()
+    }
+
     /// The connection a source reads `name`'s messages from.
     pub fn subscriber(&self, name: &str) -> Option<Arc<Connection>> {
         self.subscribers.get(name).cloned()

@@ -5,7 +5,9 @@
 //! and synced before the inputs behind them are acknowledged) and
 //! `spool.pos` (how far replay has got). A line torn by a crash is dropped
 //! on open; a message replayed but not yet recorded in `spool.pos` is sent
-//! again, which at-least-once allows.
+//! again, which at-least-once allows. `spool.lock` is locked for as long as
+//! a process uses the spool: two appending to one file would interleave
+//! their messages and each replay the other's.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
@@ -49,6 +51,11 @@ pub enum SpoolError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "spool {path} is in use by another process (it holds {path}/spool.lock): \
+         give each pipeline a spool folder of its own"
+    )]
+    InUse { path: PathBuf },
     #[error("spool is full ({max_mb} MiB) and set to refuse new messages")]
     Full { max_mb: u64 },
     #[error("spool {path}: {source}")]
@@ -78,9 +85,35 @@ fn out_of_room(err: &std::io::Error) -> bool {
 /// The file in a spool's folder that holds the messages.
 pub const SPOOL_FILE: &str = "spool.jsonl";
 
+/// Takes the lock of a spool's folder, or says who holds it.
+fn lock_folder(dir: &Path) -> Result<File, SpoolError> {
+    let path = dir.join("spool.lock");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| SpoolError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(SpoolError::InUse {
+            path: dir.to_owned(),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(SpoolError::Io {
+            path: dir.to_owned(),
+            source,
+        }),
+    }
+}
+
 pub struct Spool {
     dir: PathBuf,
     file: File,
+    /// Holds the folder's lock; released when the spool is dropped.
+    _lock: File,
     /// Bytes in `spool.jsonl`.
     len: u64,
     /// Where the first message not yet replayed starts.
@@ -112,6 +145,7 @@ impl Spool {
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
+        let lock = lock_folder(dir)?;
         let data = dir.join(SPOOL_FILE);
         let mut file = OpenOptions::new()
             .create(true)
@@ -140,6 +174,9 @@ impl Spool {
             good += n;
         }
         let len = file.seek(SeekFrom::End(0)).map_err(io)?;
+        // Everything was delivered, but the run that did it could not empty
+        // the file (a full disk, a crash): it is emptied now.
+        let good = if count == 0 { 0 } else { good };
         if len != good {
             file.set_len(good).map_err(io)?;
         }
@@ -147,6 +184,7 @@ impl Spool {
         Ok(Spool {
             dir: dir.to_owned(),
             file,
+            _lock: lock,
             len: good,
             pos,
             count,
@@ -308,16 +346,33 @@ impl Spool {
         self.pos = end.min(self.len);
         self.count = self.count.saturating_sub(delivered.saturating_sub(passed));
         if self.pos == self.len {
-            self.count = 0;
+            return self.empty();
         }
         self.save_pos()?;
         self.compact()
     }
 
+    /// Everything was delivered: the file is emptied before the position is
+    /// written, as emptying it takes no room on the disk and writing does,
+    /// and a spool that filled the disk would never be emptied otherwise.
+    /// A crash in between finds a position past the file's end: nothing
+    /// waits, which is so.
+    fn empty(&mut self) -> Result<(), SpoolError> {
+        self.file.set_len(0).map_err(|e| self.io(e))?;
+        self.len = 0;
+        self.pos = 0;
+        self.count = 0;
+        self.save_pos()
+    }
+
     fn save_pos(&self) -> Result<(), SpoolError> {
         let tmp = self.dir.join("spool.pos.tmp");
-        std::fs::write(&tmp, self.pos.to_string()).map_err(|e| self.io(e))?;
-        std::fs::rename(&tmp, self.dir.join("spool.pos")).map_err(|e| self.io(e))
+        let saved = std::fs::write(&tmp, self.pos.to_string())
+            .and_then(|()| std::fs::rename(&tmp, self.dir.join("spool.pos")));
+        saved.map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            self.io(e)
+        })
     }
 
     /// Drops delivered bytes from the file once they outweigh what waits, so
@@ -396,8 +451,52 @@ mod tests {
         assert_eq!(spool.len, good);
         assert_eq!(spool.count(), 1);
         spool.append(&[msg(2)]).expect("append after the failure");
+        drop(spool);
         let reopened = Spool::open(dir.path(), 1, WhenFull::RefuseNew).expect("reopen");
         assert_eq!(topics(&reopened.peek(10).expect("peek")), ["t/0", "t/2"]);
+    }
+
+    #[test]
+    fn one_process_at_a_time_uses_a_spool() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let first = Spool::open(dir.path(), 1, WhenFull::RefuseNew).expect("open");
+        // A lock of another open file description, as another process has.
+        let second = Spool::open(dir.path(), 1, WhenFull::RefuseNew).err();
+        let said = second.map(|e| e.to_string()).unwrap_or_default();
+        assert!(said.contains("is in use by another process"), "{said}");
+        drop(first);
+        Spool::open(dir.path(), 1, WhenFull::RefuseNew).expect("free again");
+    }
+
+    #[test]
+    fn a_spool_delivered_to_its_end_is_emptied_on_disk() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let size = || {
+            std::fs::metadata(dir.path().join(SPOOL_FILE))
+                .expect("size")
+                .len()
+        };
+        let mut spool = Spool::open(dir.path(), 1, WhenFull::RefuseNew).expect("open");
+        spool.append(&[msg(0), msg(1), msg(2)]).expect("append");
+        let peeked = spool.peek(10).expect("peek");
+        spool.commit(peeked.end, 3).expect("commit");
+        assert!(spool.is_empty());
+        assert_eq!(size(), 0, "the delivered messages take no room");
+        spool.append(&[msg(3)]).expect("append");
+        assert_eq!(topics(&spool.peek(10).expect("peek")), ["t/3"]);
+
+        // A run that could not empty the file (here, the file put back as
+        // it was) leaves it to the next open.
+        let peeked = spool.peek(10).expect("peek");
+        spool.commit(peeked.end, 1).expect("commit");
+        drop(spool);
+        let mut line = serde_json::to_vec(&msg(3)).expect("json");
+        line.push(b'\n');
+        std::fs::write(dir.path().join(SPOOL_FILE), &line).expect("write");
+        std::fs::write(dir.path().join("spool.pos"), line.len().to_string()).expect("pos");
+        let reopened = Spool::open(dir.path(), 1, WhenFull::RefuseNew).expect("reopen");
+        assert!(reopened.is_empty());
+        assert_eq!(size(), 0);
     }
 
     #[test]
