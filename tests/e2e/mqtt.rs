@@ -1035,7 +1035,8 @@ fn refused_credentials_stop_the_run_with_a_clear_error_and_no_password_in_the_lo
     assert_eq!(run.status, Some(1), "{}", run.stderr);
     assert!(
         run.stderr.contains("connection `local`")
-            && (run.stderr.contains("BadUserNamePassword") || run.stderr.contains("NotAuthorized")),
+            && (run.stderr.contains("BadUserNamePassword") || run.stderr.contains("NotAuthorized"))
+            && run.stderr.contains("username_env and password_env"),
         "{}",
         run.stderr
     );

@@ -432,32 +432,53 @@ fn event_v5(event: m5::Event) -> LinkEvent {
 
 fn error_v4(err: rumqttc::ConnectionError) -> LinkError {
     use rumqttc::{ConnectReturnCode as C, ConnectionError as E};
-    let fatal = matches!(
+    let login = matches!(
         err,
-        E::ConnectionRefused(C::BadUserNamePassword | C::NotAuthorized | C::BadClientId)
-    ) || matches!(&err, E::Tls(tls) if tls_is_fatal(tls));
-    link_error(&err, fatal, certificate_alert(&err))
+        E::ConnectionRefused(C::BadUserNamePassword | C::NotAuthorized)
+    );
+    let fatal = login
+        || matches!(err, E::ConnectionRefused(C::BadClientId))
+        || matches!(&err, E::Tls(tls) if tls_is_fatal(tls));
+    link_error(&err, fatal, certificate_alert(&err), login)
 }
 
 fn error_v5(err: m5::ConnectionError) -> LinkError {
     use m5::mqttbytes::v5::ConnectReturnCode as C;
     use m5::ConnectionError as E;
-    let fatal = matches!(
+    let login = matches!(
         err,
-        E::ConnectionRefused(
-            C::BadUserNamePassword
-                | C::NotAuthorized
-                | C::ClientIdentifierNotValid
-                | C::BadClientId
-                | C::Banned
-                | C::BadAuthenticationMethod
+        E::ConnectionRefused(C::BadUserNamePassword | C::NotAuthorized)
+    );
+    let fatal = login
+        || matches!(
+            err,
+            E::ConnectionRefused(
+                C::ClientIdentifierNotValid
+                    | C::BadClientId
+                    | C::Banned
+                    | C::BadAuthenticationMethod
+            )
         )
-    ) || matches!(&err, E::Tls(tls) if tls_is_fatal(tls));
-    link_error(&err, fatal, certificate_alert(&err))
+        || matches!(&err, E::Tls(tls) if tls_is_fatal(tls));
+    link_error(&err, fatal, certificate_alert(&err), login)
 }
 
-fn link_error(err: &dyn std::error::Error, fatal: bool, certificate_alert: bool) -> LinkError {
+/// `login`: the broker refused the user name and password, or what the
+/// client may do.
+fn link_error(
+    err: &dyn std::error::Error,
+    fatal: bool,
+    certificate_alert: bool,
+    login: bool,
+) -> LinkError {
     let mut message = describe(err);
+    if login {
+        message.push_str(
+            ": check the user name and password the connection's username_env and \
+             password_env name, and what the broker lets that user or client id do \
+             (on AWS IoT Core, the certificate's policy)",
+        );
+    }
     if certificate_alert {
         message.push_str(
             ": the broker refused the TLS session over a certificate: it may want a client \

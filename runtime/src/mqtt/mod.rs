@@ -277,6 +277,13 @@ impl ConnectionConfig {
                 ));
             }
         }
+        if let (Some(cert), Some(key)) = (&self.cert_file, &self.key_file) {
+            let cert_path = base_dir.join(cert.get_ref());
+            let key_path = base_dir.join(key.get_ref());
+            if let Err(reason) = key_fits_certificate(&cert_path, &key_path) {
+                return Err(at(key.span(), reason));
+            }
+        }
         if self.cert_file.is_some() != self.key_file.is_some() {
             let span = self
                 .cert_file
@@ -320,6 +327,40 @@ impl ConnectionConfig {
 
 /// The X.509 version (1 to 3) of the first certificate in PEM text; `None`
 /// when there is none or it cannot be read, which the TLS library reports.
+/// Whether the private key in `key_path` belongs to the first certificate in
+/// `cert_path`; the TLS handshake would otherwise fail with a bare
+/// "KeyMismatch" that names neither file. A key or certificate that cannot
+/// be read here is left for the handshake to judge.
+fn key_fits_certificate(cert_path: &Path, key_path: &Path) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (Ok(certs), Ok(key)) = (
+        CertificateDer::pem_file_iter(cert_path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>()),
+        PrivateKeyDer::from_pem_file(key_path),
+    ) else {
+        return Ok(());
+    };
+    let provider = rustls::crypto::ring::default_provider();
+    let Ok(signing_key) = provider.key_provider.load_private_key(key) else {
+        return Err(format!(
+            "{} holds a private key of a kind TLS here cannot use (RSA, ECDSA P-256 or \
+             P-384, or Ed25519 are)",
+            key_path.display()
+        ));
+    };
+    match rustls::sign::CertifiedKey::new(certs, signing_key).keys_match() {
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            Err(format!(
+                "the private key in {} does not belong to the certificate in {}",
+                key_path.display(),
+                cert_path.display()
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn first_certificate_version(pem: &str) -> Option<u8> {
     use base64::Engine as _;
     let body = pem
