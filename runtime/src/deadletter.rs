@@ -106,6 +106,73 @@ fn entry_record(
     record
 }
 
+/// How many dead letters the log shows one by one in a window; past that it
+/// counts them, and says how many it left out when the window ends. A
+/// source of bad records would otherwise fill the journal with what the
+/// dead letter holds anyway.
+const LOG_BURST: u32 = 100;
+const LOG_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The log's view of the dead letters: each one, up to a budget.
+pub struct DeadLetterLog {
+    window_start: std::time::Instant,
+    logged: u32,
+    left_out: u64,
+}
+
+impl Default for DeadLetterLog {
+    fn default() -> Self {
+        DeadLetterLog {
+            window_start: std::time::Instant::now(),
+            logged: 0,
+            left_out: 0,
+        }
+    }
+}
+
+impl DeadLetterLog {
+    /// Logs as many of `dead_letters` as the budget allows, from the
+    /// first; returns how many.
+    pub fn log(&mut self, dead_letters: &[DeadLetter]) -> usize {
+        if self.window_start.elapsed() >= LOG_WINDOW {
+            self.end_window();
+        }
+        let room = LOG_BURST.saturating_sub(self.logged) as usize;
+        let shown = dead_letters.len().min(room);
+        dead_letters[..shown].iter().for_each(log_one);
+        self.logged += shown as u32;
+        self.left_out += (dead_letters.len() - shown) as u64;
+        shown
+    }
+
+    /// Says how many dead letters were not logged one by one, if any.
+    pub fn end_window(&mut self) {
+        if self.left_out > 0 {
+            tracing::warn!(
+                not_logged = self.left_out,
+                "more dead letters than the log shows one by one ({LOG_BURST} in {} s); \
+                 the dead letter holds them all",
+                LOG_WINDOW.as_secs()
+            );
+        }
+        self.window_start = std::time::Instant::now();
+        self.logged = 0;
+        self.left_out = 0;
+    }
+}
+
+/// Logs one dead letter, with the record's key and topic when it has them.
+pub fn log_one(dead: &DeadLetter) {
+    let record = &dead.record;
+    tracing::warn!(
+        stage = %dead.stage,
+        key = record.key.as_deref().map(display),
+        topic = record.topic.as_deref().map(display),
+        reason = %dead.reason,
+        "dead letter"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -291,10 +291,10 @@ pub(crate) struct Runner {
     chain: Option<Chain>,
     sink: Box<dyn Sink>,
     dead_sink: Box<dyn Sink>,
-    /// Whether each dead letter is also logged: not when the entries go to
+    /// Where dead letters are also logged: not when the entries go to
     /// standard output, which under Lambda lands in the same CloudWatch
     /// log, and would show each one twice.
-    log_dead_letters: bool,
+    dead_letter_log: Option<crate::deadletter::DeadLetterLog>,
     summary: Summary,
     /// Newest record timestamp seen, for the event clock.
     watermark: Option<i64>,
@@ -400,7 +400,8 @@ impl Runner {
             chain: Some(chain),
             sink,
             dead_sink,
-            log_dead_letters: !matches!(*dead_letter, SinkConfig::Stdout { .. }),
+            dead_letter_log: (!matches!(*dead_letter, SinkConfig::Stdout { .. }))
+                .then(Default::default),
             summary: Summary::default(),
             watermark: None,
             event_flushed_at: None,
@@ -452,6 +453,9 @@ impl Runner {
 
     pub(crate) async fn close(&mut self) -> anyhow::Result<()> {
         self.count_abandoned_deliveries().await;
+        if let Some(log) = &mut self.dead_letter_log {
+            log.end_window();
+        }
         if let Some(chain) = &self.chain {
             for (stage, stats) in chain.stats() {
                 tracing::info!(
@@ -873,21 +877,18 @@ impl Runner {
             .iter()
             .map(|dead| crate::deadletter::to_record(&self.name, dead, now))
             .collect();
-        let log = || {
-            for dead in dead_letters {
-                tracing::warn!(stage = %dead.stage, reason = %dead.reason, "dead letter");
-            }
+        let logged = match &mut self.dead_letter_log {
+            Some(log) => log.log(dead_letters),
+            None => 0,
         };
-        if self.log_dead_letters {
-            log();
-        }
         let refused = match self.dead_sink.send(&entries).await {
             Ok(refused) => refused,
             Err(err) => {
-                // Not written and not logged yet: the log is their last place.
-                if !self.log_dead_letters {
-                    log();
-                }
+                // Not written: the log is the last place of those it has
+                // not shown yet.
+                dead_letters[logged..]
+                    .iter()
+                    .for_each(crate::deadletter::log_one);
                 return Err(err.into());
             }
         };

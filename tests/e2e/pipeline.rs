@@ -1011,6 +1011,39 @@ fn dead_letters_on_stdout_are_not_logged_twice() {
     );
 }
 
+/// A source of bad records does not flood the log: the first dead letters
+/// of a while are logged one by one, with the record's key, and the rest
+/// counted; the dead-letter file holds them all.
+#[test]
+fn the_log_shows_the_first_dead_letters_and_counts_the_rest() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pipeline = format!(
+        "[source]\ntype = \"stdin\"\nformat = \"record\"\n\
+         [[stage]]\nname = \"faults\"\nwasm = {:?}\n\
+         [sink]\ntype = \"stdout\"\n[dead_letter]\ntype = \"file\"\npath = \"dead.jsonl\"\n",
+        stage("faults").display().to_string()
+    );
+    std::fs::write(dir.path().join("p.toml"), pipeline).expect("pipeline");
+    let input = "{\"key\":\"dev-7\",\"text\":\"reject\"}\n".repeat(300);
+    let run = run_binary(
+        Path::new(BIN),
+        dir.path(),
+        &["run", "p.toml"],
+        input.as_bytes(),
+    );
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let dead = std::fs::read_to_string(dir.path().join("dead.jsonl")).expect("dead letters");
+    assert_eq!(dead.lines().count(), 300);
+    let logged: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("dead letter stage=faults"))
+        .collect();
+    assert_eq!(logged.len(), 100, "{}", run.stderr);
+    assert!(logged[0].contains("key=dev-7"), "{}", logged[0]);
+    assert!(run.stderr.contains("not_logged=200"), "{}", run.stderr);
+}
+
 /// A stop while a line is only half read (its end not yet written): those
 /// bytes cannot be read again from a pipe, so they go to the dead letter.
 #[test]
