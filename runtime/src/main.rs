@@ -341,9 +341,13 @@ fn check(path: PathBuf, options: RunOptions) -> ExitCode {
     }
     // What `run` would fail on at once, for a service that would else
     // restart over it: files it cannot write.
-    for path in runnel::run::output_files(&pipeline) {
+    for (field, path) in runnel::run::output_files(&pipeline) {
         if let Err(reason) = runnel::run::check_writable(&path) {
-            say!(error, "runnel: {}: {reason}", pipeline.path.display());
+            say!(
+                error,
+                "runnel: {}: {field}: {reason}",
+                pipeline.path.display()
+            );
             return ExitCode::from(EXIT_FAILED);
         }
     }

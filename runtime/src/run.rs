@@ -30,23 +30,28 @@ pub struct RunOptions {
     pub progress: Arc<std::sync::Mutex<Summary>>,
 }
 
-/// The files a run of `pipeline` appends to: its file sink, its dead
-/// letter (a file unless the pipeline says otherwise), and each MQTT
-/// connection's spool.
-pub fn output_files(pipeline: &Pipeline) -> Vec<std::path::PathBuf> {
+/// The files a run of `pipeline` appends to, each with the field of the
+/// pipeline file it comes from: its file sink, its dead letter (a file
+/// unless the pipeline says otherwise), and each MQTT connection's spool.
+pub fn output_files(pipeline: &Pipeline) -> Vec<(String, std::path::PathBuf)> {
     let dead = pipeline.dead_letter_sink();
-    let sinks = [&pipeline.file.sink, dead.as_ref()]
-        .into_iter()
-        .filter_map(|sink| match sink {
-            SinkConfig::File { path, .. } => Some(pipeline.resolve(path)),
-            _ => None,
-        });
-    let spools = pipeline
-        .file
-        .mqtt
-        .values()
-        .filter_map(|connection| connection.spool.as_ref())
-        .map(|spool| pipeline.resolve(&spool.path).join(crate::mqtt::SPOOL_FILE));
+    let sinks = [
+        ("sink", &pipeline.file.sink),
+        ("dead_letter", dead.as_ref()),
+    ]
+    .into_iter()
+    .filter_map(|(field, sink)| match sink {
+        SinkConfig::File { path, .. } => Some((format!("{field}.path"), pipeline.resolve(path))),
+        _ => None,
+    });
+    let spools = pipeline.file.mqtt.iter().filter_map(|(name, connection)| {
+        connection.spool.as_ref().map(|spool| {
+            (
+                format!("mqtt.{name}.spool.path"),
+                pipeline.resolve(&spool.path).join(crate::mqtt::SPOOL_FILE),
+            )
+        })
+    });
     sinks.chain(spools).collect()
 }
 
@@ -63,6 +68,18 @@ pub fn check_writable(path: &std::path::Path) -> Result<(), String> {
                 .collect()
         })
         .unwrap_or_default();
+    // Said plainly, rather than as the "File exists" of making the folder.
+    if let Some(file) = dir
+        .into_iter()
+        .flat_map(|d| d.ancestors())
+        .find(|a| a.is_file())
+    {
+        return Err(format!(
+            "{} is a file, and {} would need it to be a folder",
+            file.display(),
+            path.display()
+        ));
+    }
     let existed = path.exists();
     let tried = dir
         .map_or(Ok(()), std::fs::create_dir_all)

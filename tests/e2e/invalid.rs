@@ -116,7 +116,7 @@ fn check_fails_on_an_output_file_it_cannot_write() {
     assert_eq!(run.status, Some(1), "{}", run.stderr);
     assert!(
         run.stderr
-            .contains("bad.toml: cannot create the folder of blocker/dead.jsonl"),
+            .contains("bad.toml: dead_letter.path: blocker is a file, and blocker/dead.jsonl would need it to be a folder"),
         "{}",
         run.stderr
     );
@@ -145,7 +145,7 @@ fn check_fails_on_a_spool_it_cannot_make_and_run_on_a_missing_credential() {
     assert_eq!(run.status, Some(1), "{}", run.stderr);
     assert!(
         run.stderr
-            .contains("bad.toml: cannot create the folder of blocker/spool.jsonl"),
+            .contains("bad.toml: mqtt.up.spool.path: blocker is a file, and blocker/spool.jsonl would need it to be a folder"),
         "{}",
         run.stderr
     );
