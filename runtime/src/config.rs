@@ -147,9 +147,30 @@ impl StageConfig {
             .map_or(DEFAULT_MEMORY_MB, |m| *m.get_ref())
     }
 
-    /// The `config` table as the JSON text `init` receives.
+    /// The `config` table as the JSON text `init` receives. A TOML date or
+    /// time becomes its RFC 3339 text, as JSON has none; serialised as it
+    /// is, it would be toml's own one-field map, which no field reads.
     pub fn config_json(&self) -> String {
-        serde_json::to_string(&self.config).unwrap_or_else(|_| "{}".into())
+        fn to_json(value: &toml::Value) -> serde_json::Value {
+            use serde_json::Value as J;
+            match value {
+                toml::Value::String(s) => J::String(s.clone()),
+                toml::Value::Integer(i) => J::from(*i),
+                toml::Value::Float(f) => J::from(*f),
+                toml::Value::Boolean(b) => J::Bool(*b),
+                toml::Value::Datetime(d) => J::String(d.to_string()),
+                toml::Value::Array(items) => J::Array(items.iter().map(to_json).collect()),
+                toml::Value::Table(table) => {
+                    J::Object(table.iter().map(|(k, v)| (k.clone(), to_json(v))).collect())
+                }
+            }
+        }
+        let table = self
+            .config
+            .iter()
+            .map(|(k, v)| (k.clone(), to_json(v)))
+            .collect::<serde_json::Map<_, _>>();
+        serde_json::Value::Object(table).to_string()
     }
 }
 
@@ -891,6 +912,28 @@ mod tests {
         assert_eq!(line_col(text, 0), (1, 1));
         assert_eq!(line_col(text, 6), (2, 1));
         assert_eq!(line_col(text, 9), (2, 4));
+    }
+
+    #[test]
+    fn a_stage_gets_toml_dates_and_times_as_rfc_3339_text() {
+        let wasm = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/ui/not-wasm.wasm");
+        let text = format!(
+            "[source]\ntype = \"stdin\"\n[sink]\ntype = \"stdout\"\n\
+             [[stage]]\nname = \"s\"\nwasm = {wasm:?}\n\
+             [stage.config]\nsince = 2026-01-01T10:00:00Z\nn = 3\n\
+             shifts = [{{ start = 07:30:00, day = 2026-01-02 }}]\n"
+        );
+        let pipeline = Pipeline::parse(Path::new("p.toml"), text).expect("valid");
+        let config: serde_json::Value =
+            serde_json::from_str(&pipeline.file.stages[0].config_json()).expect("json");
+        assert_eq!(
+            config,
+            serde_json::json!({
+                "since": "2026-01-01T10:00:00Z",
+                "n": 3,
+                "shifts": [{ "start": "07:30:00", "day": "2026-01-02" }],
+            })
+        );
     }
 
     #[test]
