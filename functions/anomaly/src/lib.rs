@@ -9,8 +9,11 @@
 //!
 //! The anomalous value then updates the mean and variance like any other.
 //! A one-off spike widens the variance for a while and barely moves the
-//! mean; a real level shift (a heater switched on) alerts a few times and
-//! then becomes the new normal instead of alerting forever. Leaving
+//! mean; a real level shift (a heater switched on) alerts at least once,
+//! and as the variance widens it becomes the new normal instead of alerting
+//! forever. A series that has been flat (a constant, or a sensor that
+//! reports whole numbers) alerts on its first step away; a value too large
+//! for the statistics alerts but is left out of them. Leaving
 //! anomalies out of the statistics would make a shift alert on every reading.
 //!
 //! Records that are not readings pass untouched.
@@ -67,12 +70,33 @@ impl Ewma {
 
     /// The incremental form (Finch, "Incremental calculation of weighted
     /// mean and variance", 2009): one pass, no history kept.
+    /// A value so far out that the statistics would overflow (1e308 in a
+    /// series near 20) is left out of them: an infinite variance would hide
+    /// every later anomaly.
     fn update(&mut self, value: f64, alpha: f64) {
         let diff = value - self.mean;
         let step = alpha * diff;
-        self.mean += step;
-        self.variance = (1.0 - alpha) * (self.variance + diff * step);
+        let mean = self.mean + step;
+        let variance = (1.0 - alpha) * (self.variance + diff * step);
+        if mean.is_finite() && variance.is_finite() {
+            self.mean = mean;
+            self.variance = variance;
+        }
         self.count = self.count.saturating_add(1);
+    }
+
+    /// How many standard deviations `value` lies from the mean. A series
+    /// that has not varied yet gets a spread of a few ulps of its mean, so
+    /// a step away from a flat line scores high rather than never; the
+    /// score is kept finite, as JSON has no infinity.
+    fn score(&self, value: f64) -> f64 {
+        let floor = f64::EPSILON * self.mean.abs().max(1.0);
+        let score = (value - self.mean).abs() / self.stddev().max(floor);
+        if score.is_finite() {
+            score
+        } else {
+            f64::MAX
+        }
     }
 
     pub fn stddev(&self) -> f64 {
@@ -135,9 +159,8 @@ impl Stage for Anomaly {
                 series.insert(metric.clone(), Ewma::first(value));
                 continue;
             };
-            let stddev = stats.stddev();
-            if stats.count >= config.warmup && stddev > 0.0 {
-                let score = (value - stats.mean).abs() / stddev;
+            if stats.count >= config.warmup {
+                let score = stats.score(value);
                 if score > config.threshold {
                     let alert = Alert {
                         device: device.to_string(),
@@ -341,18 +364,40 @@ mod tests {
     }
 
     #[test]
-    fn a_flat_series_never_alerts() {
-        // With no spread at all there is no scale to measure a deviation by.
+    fn a_flat_series_alerts_on_its_first_step_away_and_not_before() {
         let mut stage = stage(r#"{"warmup": 2}"#);
         for i in 0..5 {
-            stage
-                .process(reading("d", T0 + i, &[("t", 5.0)]))
+            let out = stage
+                .process(reading("d", T0 + i, &[("t", 20.0)]))
                 .expect("accepted");
+            assert_eq!(out.len(), 1, "the same value is no anomaly");
         }
         let out = stage
-            .process(reading("d", T0 + 9, &[("t", 50.0)]))
+            .process(reading("d", T0 + 9, &[("t", 500.0)]))
             .expect("accepted");
-        assert_eq!(out.len(), 1);
+        assert_eq!(out.len(), 2, "a step from a flat line is one");
+        let alert: Alert = out[1].json().expect("an alert");
+        assert!(alert.score.is_finite() && alert.score > 3.0, "{alert:?}");
+    }
+
+    #[test]
+    fn a_value_too_large_for_the_statistics_alerts_and_leaves_them_usable() {
+        let mut stage = stage("{}");
+        warm_up(&mut stage, "dev-1", 20);
+        let before = stage.stats("dev-1", "temperature").expect("tracked");
+        let out = stage
+            .process(reading("dev-1", T0 + 200_000, &[("temperature", 1e308)]))
+            .expect("accepted");
+        assert_eq!(out.len(), 2);
+        // The alert reads back: its score is a number, not JSON's null.
+        let alert: Alert = out[1].json().expect("an alert");
+        assert_eq!(alert.score, f64::MAX);
+        let after = stage.stats("dev-1", "temperature").expect("tracked");
+        assert_eq!((after.mean, after.variance), (before.mean, before.variance));
+        let out = stage
+            .process(reading("dev-1", T0 + 205_000, &[("temperature", 1000.0)]))
+            .expect("accepted");
+        assert_eq!(out.len(), 2, "a later spike still alerts");
     }
 
     #[test]
