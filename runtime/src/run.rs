@@ -120,7 +120,8 @@ pub struct Summary {
     pub timer_outputs: u64,
     /// Entries written to the dead letter.
     pub dead_letters: u64,
-    /// Of `outputs`, those a full `drop-oldest` spool dropped afterwards.
+    /// Messages sent to a `drop-oldest` spool (outputs, or dead letters on
+    /// MQTT) that it dropped later to make room.
     pub spool_dropped: u64,
 }
 
