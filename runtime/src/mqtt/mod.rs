@@ -325,8 +325,6 @@ impl ConnectionConfig {
     }
 }
 
-/// The X.509 version (1 to 3) of the first certificate in PEM text; `None`
-/// when there is none or it cannot be read, which the TLS library reports.
 /// Whether the private key in `key_path` belongs to the first certificate in
 /// `cert_path`; the TLS handshake would otherwise fail with a bare
 /// "KeyMismatch" that names neither file. A key or certificate that cannot
@@ -361,6 +359,8 @@ fn key_fits_certificate(cert_path: &Path, key_path: &Path) -> Result<(), String>
     }
 }
 
+/// The X.509 version (1 to 3) of the first certificate in PEM text; `None`
+/// when there is none or it cannot be read, which the TLS library reports.
 fn first_certificate_version(pem: &str) -> Option<u8> {
     use base64::Engine as _;
     let body = pem
